@@ -1,0 +1,94 @@
+"""Typed model configuration with named presets.
+
+Vocabulary size and sequence length come from the data, never from a preset:
+``ModelConfig.preset("pgm-small", vocab_size=V, seq_len=L)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+ARCHITECTURES = ("pgm", "mdlm")
+ATTENTION_BACKENDS = ("auto", "reference", "flex")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "pgm"  # "pgm" or "mdlm"
+    vocab_size: int = 0  # tokens of the tokenizer (MDLM adds one MASK id after them)
+    seq_len: int = 0
+    d_model: int = 128
+    n_heads: int = 2
+    n_enc: int = 2  # PGM encoder blocks; for MDLM the number of blocks
+    n_dec: int = 2  # PGM decoder blocks; unused by MDLM
+    mlp_ratio: int = 4
+    cond_dim: int = 128  # width of the adaLN conditioning vector
+    dropout: float = 0.1
+    rope_base: float = 10000.0
+    num_classes: int | None = None  # class-conditional adaLN (images); None = text
+    attention: str = "auto"
+    bos_id: int = 1
+    eos_id: int = 2
+    preset_name: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown arch {self.arch!r}; valid: {', '.join(ARCHITECTURES)}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"unknown attention backend {self.attention!r}; valid: {', '.join(ATTENTION_BACKENDS)}"
+            )
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim {self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def mask_id(self) -> int:
+        """The MDLM MASK token: one id past the tokenizer's vocabulary."""
+        return self.vocab_size
+
+    @property
+    def input_vocab_size(self) -> int:
+        return self.vocab_size + 1 if self.arch == "mdlm" else self.vocab_size
+
+    @classmethod
+    def preset(cls, name: str, *, vocab_size: int, seq_len: int, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; valid: {', '.join(PRESETS)}")
+        valid = {f.name for f in dataclasses.fields(cls)} - {"preset_name"}
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise ValueError(
+                f"unknown ModelConfig field(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
+            )
+        if vocab_size <= 0 or seq_len <= 0:
+            raise ValueError(f"vocab_size and seq_len must be positive, got {vocab_size} and {seq_len}")
+        values = {**PRESETS[name], **overrides}
+        return cls(vocab_size=vocab_size, seq_len=seq_len, preset_name=name, **values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+        return cls(**values)
+
+
+# Head dim 64 everywhere, as in every configuration of the papers.
+PRESETS: dict[str, dict] = {
+    "pgm-tiny": dict(arch="pgm", n_enc=2, n_dec=2, d_model=128, n_heads=2),
+    "pgm-small": dict(arch="pgm", n_enc=6, n_dec=6, d_model=768, n_heads=12),
+    "pgm-8-8": dict(arch="pgm", n_enc=8, n_dec=8, d_model=768, n_heads=12),
+    "pgm-6-6-d1024": dict(arch="pgm", n_enc=6, n_dec=6, d_model=1024, n_heads=16),
+    "mdlm-tiny": dict(arch="mdlm", n_enc=4, n_dec=0, d_model=128, n_heads=2),
+    "mdlm-small": dict(arch="mdlm", n_enc=12, n_dec=0, d_model=768, n_heads=12),
+}

@@ -1,0 +1,160 @@
+"""Blocks shared by the PGM and MDLM networks: RoPE, adaLN-zero blocks, output layer."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from pgm_dist.attention import AttentionMask, attend
+from pgm_dist.config import ModelConfig
+
+Rope = tuple[Tensor, Tensor]  # cos, sin: [B or 1, 1, L, head_dim] float32
+
+
+class Rotary(nn.Module):
+    """Rotary embeddings over the full head dim, half-split ("NeoX") layout."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: Tensor) -> Rope:
+        """positions: [B, L] (or [1, L]) integer positions -> cos, sin [B, 1, L, head_dim]."""
+        angles = positions.float()[..., None] * self.inv_freq  # [B, L, D/2]
+        angles = torch.cat([angles, angles], dim=-1)[:, None]
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, rope: Rope) -> Tensor:
+    cos, sin = rope
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+def sinusoid(positions: Tensor, dim: int) -> Tensor:
+    """Fixed sinusoidal embedding: positions [B, L] -> [B, L, dim] float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device) / half)
+    angles = positions.float()[..., None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class MultiHeadAttention(nn.Module):
+    """Attention from a query stream to a key/value stream (the same one for self-attention)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.d_model
+        self.n_heads = config.n_heads
+        self.backend = config.attention
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.kv_proj = nn.Linear(d, 2 * d, bias=False)
+        self.out_proj = nn.Linear(d, d, bias=False)
+
+    def _heads(self, x: Tensor) -> Tensor:  # [B, L, d] -> [B, H, L, D]
+        return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
+
+    def forward(self, x: Tensor, memory: Tensor, q_rope: Rope, k_rope: Rope, mask: AttentionMask) -> Tensor:
+        q = apply_rotary(self._heads(self.q_proj(x)), q_rope)
+        k, v = self.kv_proj(memory).chunk(2, dim=-1)
+        k = apply_rotary(self._heads(k), k_rope)
+        out = attend(q, k, self._heads(v), mask, self.backend)  # [B, H, Lq, D]
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with adaLN-zero modulation.
+
+    Self-attention when called without ``memory``; cross-attention only (the PGM
+    decoder) when given the encoder output as ``memory``.
+    """
+
+    def __init__(self, config: ModelConfig, cross: bool = False):
+        super().__init__()
+        d = config.d_model
+        self.norm_attn = nn.LayerNorm(d, elementwise_affine=False)
+        self.norm_memory = nn.LayerNorm(d) if cross else None
+        self.attn = MultiHeadAttention(config)
+        self.norm_mlp = nn.LayerNorm(d, elementwise_affine=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, config.mlp_ratio * d), nn.GELU(approximate="tanh"), nn.Linear(config.mlp_ratio * d, d)
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.cond_dim, 6 * d))
+        nn.init.zeros_(self.modulation[1].weight)
+        nn.init.zeros_(self.modulation[1].bias)
+
+    def forward(self, x: Tensor, c: Tensor, q_rope: Rope, mask: AttentionMask,
+                memory: Tensor | None = None, k_rope: Rope | None = None) -> Tensor:
+        """x: [B, Lq, d]; c: [B or 1, cond_dim]; memory: [B, Lk, d] for cross-attention."""
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c)[:, None].chunk(6, dim=-1)
+        h = modulate(self.norm_attn(x), shift_a, scale_a)
+        if memory is None:
+            attn = self.attn(h, h, q_rope, q_rope, mask)
+        else:
+            attn = self.attn(h, self.norm_memory(memory), q_rope, k_rope, mask)
+        x = x + gate_a * self.dropout(attn)
+        h = modulate(self.norm_mlp(x), shift_m, scale_m)
+        return x + gate_m * self.dropout(self.mlp(h))
+
+
+class Conditioning(nn.Module):
+    """adaLN conditioning vector: a learned constant (text) or a class embedding.
+
+    With classes, label ``num_classes`` is the null label used for classifier-free guidance.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.num_classes:
+            self.classes = nn.Embedding(config.num_classes + 1, config.cond_dim)
+            self.constant = None
+        else:
+            self.classes = None
+            self.constant = nn.Parameter(torch.randn(config.cond_dim))
+
+    def forward(self, labels: Tensor | None = None) -> Tensor:
+        """-> [B, cond_dim] for labels [B], else [1, cond_dim]."""
+        if self.classes is None:
+            if labels is not None:
+                raise ValueError("this model is unconditional: pass no labels")
+            return self.constant[None]
+        if labels is None:
+            raise ValueError("this model is class-conditional: pass labels")
+        return self.classes(labels)
+
+
+class OutputLayer(nn.Module):
+    """LayerNorm + adaLN modulation + an untied projection to the vocabulary, zero at init."""
+
+    def __init__(self, config: ModelConfig, out_dim: int):
+        super().__init__()
+        d = config.d_model
+        self.norm = nn.LayerNorm(d, elementwise_affine=False)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.cond_dim, 2 * d))
+        self.proj = nn.Linear(d, out_dim)
+        for layer in (self.modulation[1], self.proj):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.modulation(c)[:, None].chunk(2, dim=-1)
+        return self.proj(modulate(self.norm(x), shift, scale)).float()
+
+
+def positions_like(tokens: Tensor) -> Tensor:
+    """[1, L] positions 0..L-1 for a full-length input."""
+    return torch.arange(tokens.shape[1], device=tokens.device)[None]
+
+
+__all__ = [
+    "Block", "Conditioning", "MultiHeadAttention", "OutputLayer", "Rotary", "apply_rotary",
+    "modulate", "positions_like", "sinusoid",
+]

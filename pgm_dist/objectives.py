@@ -1,0 +1,136 @@
+"""Noise schedule, time sampling and training objectives (sections 2, 4 and 5).
+
+Every training objective exposes the same two calls, so the engine (and later the
+distillation loop) can drive any of them:
+
+- ``loss(model, tokens, t, generator) -> scalar``: the training loss of a micro-batch;
+- ``nelbo(model, tokens, t, generator) -> (sum, count)``: validation NELBO terms,
+  to be summed over the split and divided by the summed count.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+T_MIN = 1e-3
+
+
+@dataclass(frozen=True)
+class LogLinearSchedule:
+    """``alpha(t) = 1 - (1 - eps) t``: the probability that a token is still clean at time t."""
+
+    eps: float = 1e-3
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return 1 - (1 - self.eps) * t
+
+    def group1_weight(self, t: Tensor) -> Tensor:
+        """Weight of a token masked at level t: ``(1 - eps) / (1 - alpha(t))`` (= 1/t)."""
+        return (1 - self.eps) / (1 - self.alpha(t))
+
+    def group0_weight(self, t: Tensor) -> Tensor:
+        """Weight of group 0, masked at the level t' with ``1 - alpha(t') = alpha(t)``.
+
+        Exact, and bounded by 1/eps (the reference code's ``1/(1 - t)`` is infinite at t = 1).
+        """
+        return (1 - self.eps) / self.alpha(t)
+
+    def reveal_probability(self, t: float, s: float) -> float:
+        """Probability that a token masked at time t is clean at the earlier time s < t."""
+        alpha_t, alpha_s = 1 - (1 - self.eps) * t, 1 - (1 - self.eps) * s
+        return (alpha_s - alpha_t) / (1 - alpha_t)
+
+
+def shared_uniform(seed: int, step: int) -> float:
+    """The one ``U ~ Uniform[0, 1)`` of an optimizer step, equal on every rank without communication."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+    return torch.rand((), generator=generator, dtype=torch.float64).item()
+
+
+def global_sample_indices(micro_batch: int, rank: int, world_size: int, micro_step: int) -> Tensor:
+    """Indices in the global batch of one rank's micro-batch at one accumulation micro-step."""
+    start = (micro_step * world_size + rank) * micro_batch
+    return torch.arange(start, start + micro_batch)
+
+
+def low_discrepancy_times(u: float, indices: Tensor, n: int, t_min: float = T_MIN) -> Tensor:
+    """``t_i = t_min + (1 - t_min) * ((u + i / n) mod 1)`` for the global indices ``i`` (float32)."""
+    stratified = torch.remainder(u + indices.double() / n, 1.0)
+    return (t_min + (1 - t_min) * stratified).float()
+
+
+def partition_groups(t: Tensor, seq_len: int, schedule: LogLinearSchedule,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """Each position joins group 1 with probability ``1 - alpha(t)``: BoolTensor[B, L]."""
+    u = torch.rand(t.shape[0], seq_len, generator=generator, device=t.device)
+    return u < (1 - schedule.alpha(t))[:, None]
+
+
+def token_nll(logits: Tensor, tokens: Tensor) -> Tensor:
+    """-log p(tokens): logits [B, L, V], tokens [B, L] -> [B, L] float32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none").view(tokens.shape)
+
+
+def pgm_loss_terms(nll: Tensor, groups: Tensor, t: Tensor, schedule: LogLinearSchedule) -> Tensor:
+    """Per-token weighted terms ``w_{g(i)} * nll_i``: [B, L]."""
+    w1 = schedule.group1_weight(t)[:, None]
+    w0 = schedule.group0_weight(t)[:, None]
+    return torch.where(groups, w1, w0) * nll
+
+
+@dataclass(frozen=True)
+class PGMObjective:
+    """Both complementary masked-modelling NELBOs (at t and t') in one pass."""
+
+    schedule: LogLinearSchedule = LogLinearSchedule()
+
+    def _forward(self, model, tokens: Tensor, t: Tensor, generator) -> tuple[Tensor, Tensor]:
+        groups = partition_groups(t, tokens.shape[1], self.schedule, generator)
+        return token_nll(model(tokens, groups), tokens), groups
+
+    def loss(self, model, tokens: Tensor, t: Tensor, generator=None) -> Tensor:
+        """``sum_i w_{g(i)} nll_i / (2 B L)``."""
+        nll, groups = self._forward(model, tokens, t, generator)
+        return pgm_loss_terms(nll, groups, t, self.schedule).sum() / (2 * tokens.numel())
+
+    def nelbo(self, model, tokens: Tensor, t: Tensor, generator=None) -> tuple[Tensor, int]:
+        """Group-1 terms only, comparable with MDLM: ``(sum_i [g(i)=1] w1 nll_i, B L)``."""
+        nll, groups = self._forward(model, tokens, t, generator)
+        w1 = self.schedule.group1_weight(t)[:, None]
+        return (groups * w1 * nll).sum(), tokens.numel()
+
+
+def mask_tokens(tokens: Tensor, t: Tensor, mask_id: int, schedule: LogLinearSchedule,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """MDLM forward process: mask each token with probability ``1 - alpha(t)``.
+
+    Returns (noisy tokens [B, L], masked [B, L] bool).
+    """
+    masked = partition_groups(t, tokens.shape[1], schedule, generator)
+    return tokens.masked_fill(masked, mask_id), masked
+
+
+@dataclass(frozen=True)
+class MDLMObjective:
+    """MDLM continuous-time NELBO: ``sum_i [masked] w1 nll_i / (B L)``."""
+
+    mask_id: int
+    schedule: LogLinearSchedule = LogLinearSchedule()
+
+    def nelbo(self, model, tokens: Tensor, t: Tensor, generator=None) -> tuple[Tensor, int]:
+        noisy, masked = mask_tokens(tokens, t, self.mask_id, self.schedule, generator)
+        nll = token_nll(model(noisy), tokens)
+        w1 = self.schedule.group1_weight(t)[:, None]
+        return (masked * w1 * nll).sum(), tokens.numel()
+
+    def loss(self, model, tokens: Tensor, t: Tensor, generator=None) -> Tensor:
+        total, count = self.nelbo(model, tokens, t, generator)
+        return total / count
+
+
+def objective_for(config) -> PGMObjective | MDLMObjective:
+    """The pre-training objective of a model config."""
+    return PGMObjective() if config.arch == "pgm" else MDLMObjective(mask_id=config.mask_id)

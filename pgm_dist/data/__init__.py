@@ -1,0 +1,1 @@
+"""Data: sentencepiece tokenizer, WebDataset shard builder, streaming loaders."""

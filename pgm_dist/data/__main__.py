@@ -1,0 +1,44 @@
+"""``python -m pgm_dist.data build --out DIR [...]``: build tokenized WebDataset shards."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pgm_dist.data.builder import BuildSettings, build
+
+
+def main(argv=None) -> int:
+    defaults = BuildSettings()
+    parser = argparse.ArgumentParser(prog="python -m pgm_dist.data", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    b = commands.add_parser("build", help="tokenize documents into shards (default input: the Python stdlib)")
+    b.add_argument("--out", type=Path, required=True, help="output folder (e.g. data_shards/mycorpus)")
+    b.add_argument("--input", type=Path, nargs="+", action="extend", default=None,
+                   help="files or folders of .txt/.md/.py/.jsonl documents, optionally .gz "
+                        "(default: the Python standard library's source)")
+    b.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="sentencepiece vocabulary size")
+    b.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per block, BOS and EOS included")
+    b.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
+                   help="fraction of documents held out for validation")
+    b.add_argument("--samples-per-shard", type=int, default=defaults.samples_per_shard, help="blocks per shard")
+    b.add_argument("--tokenizer", type=Path, default=None,
+                   help="an existing sentencepiece .model to use instead of training one")
+    b.add_argument("--model-type", choices=("bpe", "unigram"), default=defaults.model_type,
+                   help="sentencepiece model type when training one")
+    b.add_argument("--workers", type=int, default=defaults.workers, help="tokenizer processes")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        settings = BuildSettings(vocab_size=args.vocab_size, seq_len=args.seq_len, val_fraction=args.val_fraction,
+                                 samples_per_shard=args.samples_per_shard, tokenizer=args.tokenizer,
+                                 workers=args.workers, model_type=args.model_type)
+        build(args.out, args.input, settings, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Shard builder: documents -> sentencepiece -> blocks ``[BOS] + (L-2) tokens + [EOS]`` -> tars.
+
+Documents are joined with EOS and cut into blocks; a held-out validation split is
+chosen per document (by a hash of its text, so duplicates never straddle splits).
+Train shards all hold exactly ``samples_per_shard`` blocks (the remainder is dropped
+and counted); the last validation shard may be smaller. ``meta.json`` is written last:
+a folder without it is not finished, and a re-run with the same inputs and settings
+finds it and reuses everything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from pgm_dist.data.documents import Document, default_corpus_paths, files_fingerprint, iter_documents, list_files
+from pgm_dist.data.shards import (
+    BUILDER_VERSION, META_FILE, TOKENIZER_FILE, DatasetMeta, SplitInfo, token_dtype, write_json_atomic, write_shard,
+)
+from pgm_dist.data.tokenizer import SPECIAL_IDS, Tokenizer, file_sha256, train_tokenizer
+
+TOKENIZER_STAMP = "tokenizer.stamp"
+DOCS_PER_TASK = 64
+TASKS_PER_ROUND = 64  # bounds the documents held in memory
+
+
+@dataclass
+class BuildSettings:
+    vocab_size: int = 8192
+    seq_len: int = 256
+    val_fraction: float = 0.01
+    samples_per_shard: int = 1024
+    tokenizer: Path | None = None  # an existing sentencepiece model instead of training one
+    workers: int = 2
+    model_type: str = "bpe"
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 3:
+            raise ValueError(f"--seq-len must be at least 3 (BOS + a token + EOS), got {self.seq_len}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.samples_per_shard < 1 or self.workers < 1:
+            raise ValueError("--samples-per-shard and --workers must be at least 1")
+        if self.tokenizer is not None and not Path(self.tokenizer).is_file():
+            raise FileNotFoundError(f"tokenizer {self.tokenizer} does not exist")
+
+
+def is_validation(doc: Document, fraction: float) -> bool:
+    digest = hashlib.sha256(doc.text.encode("utf-8", errors="surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+
+
+def _sources_checksums(inputs: list[Path], files: list[Path]) -> list[dict]:
+    out = []
+    for root in inputs:
+        h, count = hashlib.sha256(), 0
+        for path in files:
+            if path == root or root in path.parents:
+                h.update(str(path.relative_to(root) if path != root else path.name).encode() + b"\0")
+                h.update(path.read_bytes())
+                count += 1
+        out.append({"path": str(root), "files": count, "sha256": h.hexdigest()})
+    return out
+
+
+class BlockPacker:
+    """Joins documents with EOS and cuts ``[BOS] + body + [EOS]`` blocks of ``seq_len``."""
+
+    def __init__(self, seq_len: int, bos: int, eos: int, dtype: np.dtype):
+        self.body, self.bos, self.eos, self.dtype = seq_len - 2, bos, eos, dtype
+        self.pending: list[np.ndarray] = []
+        self.pending_len = 0
+
+    def add(self, ids: np.ndarray) -> Iterator[np.ndarray]:
+        self.pending.append(np.append(ids, self.eos).astype(self.dtype))
+        self.pending_len += len(ids) + 1
+        if self.pending_len < self.body:
+            return
+        stream = np.concatenate(self.pending)
+        n_blocks = len(stream) // self.body
+        for i in range(n_blocks):
+            chunk = stream[i * self.body:(i + 1) * self.body]
+            yield np.concatenate([[self.bos], chunk, [self.eos]]).astype(self.dtype)
+        rest = stream[n_blocks * self.body:]
+        self.pending, self.pending_len = [rest], len(rest)
+
+
+class ShardSink:
+    """Collects blocks of one split and writes ``{split}-{index:06d}.tar`` shards."""
+
+    def __init__(self, out: Path, split: str, per_shard: int):
+        self.out, self.split, self.per_shard = out, split, per_shard
+        self.blocks: list[np.ndarray] = []
+        self.info = SplitInfo()
+
+    def add(self, block: np.ndarray) -> None:
+        self.blocks.append(block)
+        if len(self.blocks) == self.per_shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        first = self.info.samples
+        path = self.out / f"{self.split}-{self.info.shards:06d}.tar"
+        write_shard(path, ((f"{self.split}-{first + i:09d}", b) for i, b in enumerate(self.blocks)))
+        self.info.shards += 1
+        self.info.samples += len(self.blocks)
+        self.info.tokens += sum(len(b) for b in self.blocks)
+        self.blocks = []
+
+    def close(self, keep_partial: bool) -> int:
+        """Write or drop the last incomplete shard; returns the number of dropped blocks."""
+        dropped = 0
+        if self.blocks and keep_partial:
+            self._flush()
+        else:
+            dropped = len(self.blocks)
+        self.blocks = []
+        return dropped
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(path: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer(path)
+
+
+def _encode(texts: list[str]) -> list[list[int]]:
+    return _worker_tokenizer.encode_batch(texts)
+
+
+def _batched(docs: Iterator[Document], size: int) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _encode_in_order(docs: Iterator[Document], pool, tokenizer_path: str):
+    """(documents, their ids) in input order, a bounded number of tasks in flight."""
+    if pool is None:
+        _init_worker(tokenizer_path)
+    for tasks in _batched(_batched(docs, DOCS_PER_TASK), TASKS_PER_ROUND):
+        texts = [[d.text for d in task] for task in tasks]
+        results = pool.map(_encode, texts) if pool is not None else [_encode(t) for t in texts]
+        yield from zip(tasks, results)
+
+
+def _prepare_tokenizer(out: Path, files: list[Path], settings: BuildSettings, fingerprint: str, log) -> Tokenizer:
+    target = out / TOKENIZER_FILE
+    stamp = out / TOKENIZER_STAMP
+    if settings.tokenizer is not None:
+        if not target.exists() or file_sha256(target) != file_sha256(settings.tokenizer):
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.copyfile(settings.tokenizer, tmp)
+            tmp.replace(target)
+        return Tokenizer(target)
+    if target.exists() and stamp.exists() and stamp.read_text().strip() == fingerprint:
+        log(f"reusing the tokenizer in {target}")
+        return Tokenizer(target)
+    log(f"training a {settings.vocab_size}-token sentencepiece {settings.model_type} model on {len(files)} files ...")
+    tokenizer = train_tokenizer((d.text for d in iter_documents(files)), target, settings.vocab_size,
+                                settings.model_type, threads=settings.workers)
+    stamp.write_text(fingerprint + "\n")
+    return tokenizer
+
+
+def build(out: Path, inputs: list[Path] | None = None, settings: BuildSettings | None = None,
+          progress: bool = True, log=print) -> DatasetMeta:
+    """Build (or reuse) a data folder; returns its metadata."""
+    settings = settings or BuildSettings()
+    out = Path(out)
+    inputs = [Path(p) for p in inputs] if inputs else default_corpus_paths()
+    files = list_files(inputs)
+    settings_dict = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()}
+    settings_dict.pop("workers")  # the output does not depend on it
+    if settings.tokenizer is not None:
+        settings_dict["tokenizer"] = file_sha256(settings.tokenizer)
+    fingerprint = hashlib.sha256(json.dumps(
+        [BUILDER_VERSION, settings_dict, files_fingerprint(files)], sort_keys=True).encode()).hexdigest()
+    tokenizer_fingerprint = hashlib.sha256(json.dumps(
+        [BUILDER_VERSION, settings.vocab_size, settings.model_type, files_fingerprint(files)]).encode()).hexdigest()
+
+    if (out / META_FILE).is_file():
+        meta = DatasetMeta.load(out)
+        if meta.settings_fingerprint == fingerprint:
+            log(f"{out} is up to date ({meta.train.shards} train / {meta.val.shards} val shards); reusing it")
+            return meta
+        log(f"{out} was built from other inputs or settings; rebuilding it")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META_FILE).unlink(missing_ok=True)  # the folder is unfinished from here on
+    for old in list(out.glob("train-*.tar")) + list(out.glob("val-*.tar")) + list(out.glob("*.tar.tmp")):
+        old.unlink()
+
+    tokenizer = _prepare_tokenizer(out, files, settings, tokenizer_fingerprint, log)
+    dtype = token_dtype(tokenizer.vocab_size)
+    packers = {s: BlockPacker(settings.seq_len, tokenizer.bos_id, tokenizer.eos_id, dtype) for s in ("train", "val")}
+    sinks = {s: ShardSink(out, s, settings.samples_per_shard) for s in ("train", "val")}
+
+    pool = mp.get_context("spawn").Pool(settings.workers, _init_worker, (str(tokenizer.path),)) \
+        if settings.workers > 1 else None
+    bar = tqdm(unit="doc", desc="tokenize", disable=not progress)
+    try:
+        for docs, ids_list in _encode_in_order(iter_documents(files), pool, str(tokenizer.path)):
+            for doc, ids in zip(docs, ids_list):
+                split = "val" if is_validation(doc, settings.val_fraction) else "train"
+                sinks[split].info.documents += 1
+                for block in packers[split].add(np.asarray(ids, dtype=np.int64)):
+                    sinks[split].add(block)
+            bar.update(len(docs))
+            bar.set_postfix(train_shards=sinks["train"].info.shards, val_shards=sinks["val"].info.shards)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    dropped = sinks["train"].close(keep_partial=False) + sinks["val"].close(keep_partial=True)
+    if sinks["train"].info.shards == 0:
+        raise ValueError(f"the inputs give fewer than {settings.samples_per_shard} blocks of {settings.seq_len} "
+                         "tokens: not one train shard; lower --samples-per-shard or --seq-len")
+
+    meta = DatasetMeta(
+        vocab_size=tokenizer.vocab_size, seq_len=settings.seq_len, dtype=dtype.name,
+        special_ids={"unk": SPECIAL_IDS["unk"], "bos": tokenizer.bos_id, "eos": tokenizer.eos_id,
+                     "pad": tokenizer.pad_id},
+        samples_per_shard=settings.samples_per_shard, train=sinks["train"].info, val=sinks["val"].info,
+        dropped_blocks=dropped, tokenizer_sha256=tokenizer.sha256, sources=_sources_checksums(inputs, files),
+        settings_fingerprint=fingerprint,
+    )
+    write_json_atomic(out / META_FILE, meta.to_dict())
+    log(f"wrote {meta.train.shards} train shards ({meta.train.tokens:,} tokens) and {meta.val.shards} val "
+        f"shards ({meta.val.tokens:,} tokens) to {out}; {dropped} trailing blocks dropped")
+    return meta

@@ -1,0 +1,183 @@
+"""The shard format: WebDataset tars of ``{__key__, tokens.npy}`` samples plus ``meta.json``.
+
+Tokens are stored as ``.npy`` (uint16 when the vocabulary fits, else int32) and are
+always read with ``allow_pickle=False``; no pickle-based member is ever decoded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import webdataset as wds
+from braceexpand import braceexpand
+
+BUILDER_VERSION = 1
+META_FILE = "meta.json"
+TOKENIZER_FILE = "tokenizer.model"
+SAMPLE_SUFFIX = ".tokens.npy"
+
+
+class DataError(ValueError):
+    """A problem with the data a user pointed at; the message says what to do."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray]]) -> int:
+    """Write a tar shard atomically (``.tmp`` then rename): a half-written shard never
+    carries the final name. Returns the number of samples written."""
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0.0) as writer:
+        for key, tokens in samples:
+            writer.write({"__key__": key, "tokens.npy": _npy_bytes(tokens)})
+            count += 1
+    os.replace(tmp, path)
+    return count
+
+
+def iter_shard(url: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, tokens) of every sample of one shard: a local path, ``pipe:`` command or URL.
+
+    Raises ``tarfile.TarError``, ``EOFError`` or ``ValueError`` on a corrupt shard.
+    """
+    with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            if not member.name.endswith(SAMPLE_SUFFIX):
+                continue  # other members (never pickles) are not ours to decode
+            data = tar.extractfile(member).read()
+            if len(data) != member.size:
+                raise EOFError(f"truncated member {member.name}")
+            yield member.name[: -len(SAMPLE_SUFFIX)], np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def expand_sources(sources: str | list[str]) -> list[str]:
+    """Shard URLs from paths, glob or brace patterns (``train-{000000..000099}.tar``),
+    ``pipe:`` commands and http(s) URLs. Local shards must exist."""
+    if isinstance(sources, str):
+        sources = [sources]
+    urls: list[str] = []
+    for source in sources:
+        for item in braceexpand(source):
+            if item.startswith(("pipe:", "http://", "https://")):
+                urls.append(item)
+            elif any(ch in item for ch in "*?["):
+                urls.extend(sorted(glob.glob(item)))
+            elif Path(item).is_file():
+                urls.append(item)
+            else:
+                raise DataError(f"shard {item} does not exist")
+    if not urls:
+        raise DataError(f"no shard matches {', '.join(sources)}: build shards with `python -m pgm_dist.data build`")
+    return urls
+
+
+@dataclass
+class SplitInfo:
+    shards: int = 0
+    samples: int = 0
+    tokens: int = 0
+    documents: int = 0
+
+
+@dataclass
+class DatasetMeta:
+    """Everything a run must know about a data folder; written last by the builder."""
+
+    vocab_size: int
+    seq_len: int
+    special_ids: dict
+    dtype: str
+    samples_per_shard: int
+    train: SplitInfo = field(default_factory=SplitInfo)
+    val: SplitInfo = field(default_factory=SplitInfo)
+    dropped_blocks: int = 0
+    tokenizer_sha256: str = ""
+    sources: list = field(default_factory=list)
+    settings_fingerprint: str = ""
+    builder_version: int = BUILDER_VERSION
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DatasetMeta":
+        values = dict(values)
+        values["train"] = SplitInfo(**values.get("train", {}))
+        values["val"] = SplitInfo(**values.get("val", {}))
+        return cls(**values)
+
+    @classmethod
+    def load(cls, data_dir: str | os.PathLike) -> "DatasetMeta":
+        path = Path(data_dir) / META_FILE
+        if not path.is_file():
+            raise DataError(f"{path} not found: {data_dir} is not a finished data folder "
+                            "(build one with `python -m pgm_dist.data build --out DIR`)")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def check(self, *, seq_len: int | None = None, vocab_size: int | None = None) -> None:
+        """Refuse shards whose sequence length or vocabulary differ from the run's."""
+        if seq_len is not None and seq_len != self.seq_len:
+            raise DataError(f"the shards hold sequences of length {self.seq_len} but the run expects {seq_len}: "
+                            f"rebuild the data with --seq-len {seq_len} or run with the shards' length")
+        if vocab_size is not None and vocab_size != self.vocab_size:
+            raise DataError(f"the shards were tokenized with a {self.vocab_size}-token vocabulary but the run "
+                            f"expects {vocab_size}: use the tokenizer the shards were built with")
+
+
+@dataclass
+class DataFolder:
+    """A finished data folder: ``meta.json``, ``tokenizer.model``, train and val shards."""
+
+    path: Path
+    meta: DatasetMeta
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, seq_len: int | None = None,
+             vocab_size: int | None = None) -> "DataFolder":
+        path = Path(path)
+        if not path.is_dir():
+            raise DataError(f"data folder {path} does not exist: build it with "
+                            f"`python -m pgm_dist.data build --out {path}`")
+        folder = cls(path, DatasetMeta.load(path))
+        if not (path / TOKENIZER_FILE).is_file():
+            raise DataError(f"{path / TOKENIZER_FILE} is missing: the shards cannot be decoded without the "
+                            "tokenizer they were built with; rebuild the folder")
+        folder.meta.check(seq_len=seq_len, vocab_size=vocab_size)
+        return folder
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / TOKENIZER_FILE
+
+    @property
+    def train_sources(self) -> str:
+        return str(self.path / "train-*.tar")
+
+    @property
+    def val_sources(self) -> str:
+        return str(self.path / "val-*.tar")

@@ -1,0 +1,98 @@
+"""sentencepiece tokenizer: training with settings that round-trip any text, and a thin wrapper."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import sentencepiece as spm
+
+SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Tokenizer:
+    """A trained sentencepiece model with BOS/EOS/PAD ids reserved."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"tokenizer {path} not found: build the data folder with `python -m pgm_dist.data build`, "
+                "or pass --tokenizer")
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.sha256 = file_sha256(path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self.sp.pad_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decode ids, dropping the special BOS/EOS/PAD ids."""
+        special = {self.bos_id, self.eos_id, self.pad_id}
+        return self.sp.decode([int(i) for i in ids if int(i) not in special])
+
+
+def _lines(texts: Iterable[str]) -> Iterator[str]:
+    for text in texts:
+        for line in text.split("\n"):
+            if line:
+                yield line
+
+
+def train_tokenizer(texts: Iterable[str], out_path: Path, vocab_size: int, model_type: str = "bpe",
+                    max_sentences: int = 2_000_000, threads: int = 2) -> Tokenizer:
+    """Train on the lines of ``texts`` and write ``out_path`` atomically.
+
+    Identity normalisation, no whitespace folding, no dummy prefix, newline and tab as
+    pieces and byte fallback: ``decode(encode(text)) == text`` for any text.
+    """
+    proto = io.BytesIO()
+    try:
+        _train(texts, proto, vocab_size, model_type, max_sentences, threads)
+    except RuntimeError as err:
+        raise ValueError(f"sentencepiece could not train a {vocab_size}-token model: {err}; "
+                         "use a smaller --vocab-size or more documents") from None
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_bytes(proto.getvalue())
+    os.replace(tmp, out_path)
+    return Tokenizer(out_path)
+
+
+def _train(texts, proto, vocab_size, model_type, max_sentences, threads) -> None:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_lines(texts), model_writer=proto, vocab_size=vocab_size, model_type=model_type,
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, allow_whitespace_only_pieces=True, user_defined_symbols=["\n", "\t"],
+        unk_id=SPECIAL_IDS["unk"], bos_id=SPECIAL_IDS["bos"], eos_id=SPECIAL_IDS["eos"],
+        pad_id=SPECIAL_IDS["pad"], input_sentence_size=max_sentences, shuffle_input_sentence=True,
+        character_coverage=0.9995, max_sentencepiece_length=16, num_threads=threads, minloglevel=2,
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -42,6 +43,11 @@ class LogLinearSchedule:
         """Probability that a token masked at time t is clean at the earlier time s < t."""
         alpha_t, alpha_s = 1 - (1 - self.eps) * t, 1 - (1 - self.eps) * s
         return (alpha_s - alpha_t) / (1 - alpha_t)
+
+
+def derived_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (seed, step, rank, micro-step, ...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def shared_uniform(seed: int, step: int) -> float:

@@ -181,3 +181,14 @@ def sample_mdlm(model, batch_size: int, steps: int, *, temperature: float = 1.0,
             x[reveal] = sample_categorical(logits[reveal], generator, temperature, top_p)
             logits = None
     return x
+
+
+def generate(model, batch_size: int, steps: int, *, prompt: Prompt | None = None, temperature: float = 1.0,
+             top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    """Sample with the sampler of the model's architecture (PGM: uniform; MDLM: ancestral)."""
+    if model.config.arch == "pgm":
+        return sample_pgm(model, batch_size, steps, prompt=prompt, temperature=temperature, top_p=top_p,
+                          generator=generator)
+    if prompt:
+        raise ValueError("prompts are supported for PGM models only")
+    return sample_mdlm(model, batch_size, steps, temperature=temperature, top_p=top_p, generator=generator)

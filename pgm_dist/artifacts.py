@@ -1,0 +1,58 @@
+"""Loading a trained model without DeepSpeed: from an export, a checkpoint, or a run folder."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from pgm_dist.checkpoint import EMA_FILE, MARKER, STATE_FILE, TOKENIZER_FILE, complete_checkpoints
+from pgm_dist.config import ModelConfig
+from pgm_dist.data.tokenizer import Tokenizer
+from pgm_dist.models import build_model
+
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.json"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # eval mode, EMA weights
+    config: ModelConfig
+    tokenizer: Tokenizer
+    source: Path  # the export or checkpoint folder read
+    info: dict  # export config.json or checkpoint pgm_state.json
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """An export folder, a checkpoint folder, or a run folder (its latest complete checkpoint)."""
+    path = Path(path)
+    if (path / EXPORT_WEIGHTS).is_file() or (path / MARKER).is_file():
+        return path
+    done = complete_checkpoints(path / "checkpoints") or complete_checkpoints(path)
+    if done:
+        return done[-1]
+    raise FileNotFoundError(f"{path} is neither an export (with {EXPORT_WEIGHTS}), nor a complete checkpoint "
+                            f"(with {MARKER}), nor a run folder holding one")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", attention: str | None = None) -> LoadedModel:
+    source = resolve_model_dir(path)
+    if (source / EXPORT_WEIGHTS).is_file():
+        info = json.loads((source / EXPORT_CONFIG).read_text())
+        weights = load_file(str(source / EXPORT_WEIGHTS))
+    else:
+        info = json.loads((source / STATE_FILE).read_text())
+        weights = load_file(str(source / EMA_FILE))
+    config = ModelConfig.from_dict(info["model_config"])
+    if attention is not None:
+        config.attention = attention
+    model = build_model(config)
+    model.load_state_dict(weights)
+    tokenizer = Tokenizer(source / TOKENIZER_FILE)
+    if tokenizer.sha256 != info["tokenizer_sha256"]:
+        raise ValueError(f"{source / TOKENIZER_FILE} is not the tokenizer this model was trained with")
+    return LoadedModel(model.to(device).eval(), config, tokenizer, source, info)

@@ -1,0 +1,101 @@
+"""The one training engine: a DeepSpeed ZeRO engine, its optimizer and schedule, the EMA,
+and the step logic. It knows nothing of what is being trained: any objective with
+``loss(model, tokens, t, generator)`` and ``nelbo(...)`` (PGM, MDLM, later SDTT) runs on it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from pgm_dist.distributed import DistEnv, all_reduce
+from pgm_dist.ema import EMA
+from pgm_dist.evaluate import nelbo_and_perplexity, nelbo_sums
+from pgm_dist.objectives import derived_seed, global_sample_indices, low_discrepancy_times, shared_uniform
+from pgm_dist.train_config import TrainConfig
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warm-up, then constant or cosine down to ``min_lr_ratio`` at ``max_steps``."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # mean over this rank's micro-steps, detached, on the device
+    grad_norm: float | None
+    applied: bool  # False when DeepSpeed skipped a non-finite gradient
+    data_wait_s: float
+
+
+class Engine:
+    def __init__(self, model: nn.Module, objective, cfg: TrainConfig, ds_config: dict, env: DistEnv,
+                 device: torch.device):
+        import deepspeed
+
+        self.objective, self.cfg, self.env, self.device = objective, cfg, env, device
+        model = model.to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                      weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self.micro_batch = self.ds.train_micro_batch_size_per_gpu()
+        self.accum = self.ds.gradient_accumulation_steps()
+        self.global_batch = self.ds.train_batch_size()
+        self.ema = EMA(self.module, cfg.ema_decay)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def train_step(self, batches: Iterator[torch.Tensor], step: int) -> StepResult:
+        """One optimizer step over ``accum`` micro-batches of this rank.
+
+        Noise levels ``t`` form the low-discrepancy set over the whole global batch;
+        partitions and dropout are seeded from (seed, step, rank, micro-step), so a
+        resumed run draws exactly what the uninterrupted one would.
+        """
+        self.ds.train()
+        u = shared_uniform(self.cfg.seed, step)
+        losses, data_wait = [], 0.0
+        for micro in range(self.accum):
+            start = time.perf_counter()
+            tokens = next(batches).to(self.device, non_blocking=True)
+            data_wait += time.perf_counter() - start
+            index = global_sample_indices(self.micro_batch, self.env.rank, self.env.world_size, micro)
+            t = low_discrepancy_times(u, index, self.global_batch).to(self.device)
+            seed = derived_seed(self.cfg.seed, step, self.env.rank, micro)
+            torch.manual_seed(seed)  # dropout
+            generator = torch.Generator(self.device).manual_seed(seed)
+            loss = self.objective.loss(self.ds, tokens, t, generator)
+            self.ds.backward(loss)
+            self.ds.step()
+            losses.append(loss.detach())
+        applied = self.ds.was_step_applied()
+        if applied:
+            self.ema.update(self.module)
+        norm = self.ds.get_global_grad_norm()
+        norm = float(norm) if norm is not None else None
+        return StepResult(torch.stack(losses).mean(), norm, applied, data_wait)
+
+    def evaluate(self, val_batches, seed: int = 1234) -> tuple[float, float]:
+        """Validation NELBO per token and perplexity with the EMA weights, over all ranks."""
+        with self.ema.applied_to(self.module) as model:
+            total = nelbo_sums(model, self.objective, val_batches, self.device, seed, self.env.rank)
+        return nelbo_and_perplexity(all_reduce(total))

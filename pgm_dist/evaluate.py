@@ -1,0 +1,74 @@
+"""``python -m pgm_dist.evaluate --model DIR --data DIR``: validation NELBO and perplexity
+with the EMA weights, numbers reproducible with ``--seed``."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Iterable
+
+import torch
+
+from pgm_dist.objectives import derived_seed, low_discrepancy_times
+
+
+def nelbo_sums(model, objective, batches: Iterable[torch.Tensor], device: torch.device, seed: int,
+               rank: int = 0) -> torch.Tensor:
+    """``[sum of NELBO terms, token count]`` (float64) over ``batches``; noise levels and
+    partitions are seeded per (seed, rank, batch index)."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for index, tokens in enumerate(batches):
+            tokens = tokens.to(device)
+            generator = torch.Generator(device).manual_seed(derived_seed(seed, rank, index))
+            u = torch.rand((), generator=generator, device=device, dtype=torch.float64).item()
+            t = low_discrepancy_times(u, torch.arange(tokens.shape[0]), tokens.shape[0]).to(device)
+            nelbo_sum, count = objective.nelbo(model, tokens, t, generator)
+            total += torch.stack([nelbo_sum.double(), torch.tensor(float(count), device=device, dtype=torch.float64)])
+    model.train(was_training)
+    return total
+
+
+def nelbo_and_perplexity(total: torch.Tensor) -> tuple[float, float]:
+    if total[1] == 0:
+        return float("nan"), float("nan")
+    nelbo = (total[0] / total[1]).item()
+    return nelbo, math.exp(min(nelbo, 700.0))
+
+
+def main(argv=None) -> int:
+    from pgm_dist.artifacts import load_model
+    from pgm_dist.data.loader import ValidationLoader
+    from pgm_dist.data.shards import DataError, DataFolder
+    from pgm_dist.objectives import objective_for
+
+    parser = argparse.ArgumentParser(prog="python -m pgm_dist.evaluate", description=__doc__)
+    parser.add_argument("--model", required=True, help="an export, a checkpoint, or a run folder")
+    parser.add_argument("--data", required=True, help="the data folder (its val-*.tar shards)")
+    parser.add_argument("--batches", type=int, default=None, help="at most this many batches (default: all)")
+    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=1234, help="validation seed (noise levels, partitions)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    try:
+        loaded = load_model(args.model, args.device)
+        folder = DataFolder.open(args.data, seq_len=loaded.config.seq_len, vocab_size=loaded.config.vocab_size)
+        if folder.meta.tokenizer_sha256 != loaded.tokenizer.sha256:
+            raise DataError(f"{args.data} was tokenized with another tokenizer than the model's")
+        batches = ValidationLoader(folder.val_sources, seq_len=folder.meta.seq_len, micro_batch=args.micro_batch,
+                                   max_batches=args.batches)
+        total = nelbo_sums(loaded.model, objective_for(loaded.config), batches, torch.device(args.device),
+                           args.seed)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    nelbo, ppl = nelbo_and_perplexity(total)
+    print(f"model {loaded.source}\nvalidation tokens {int(total[1].item())}\n"
+          f"NELBO {nelbo:.6f} nats/token\nperplexity {ppl:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

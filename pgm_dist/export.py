@@ -1,0 +1,46 @@
+"""``python -m pgm_dist.export --ckpt DIR --out DIR``: EMA weights as safetensors + config +
+tokenizer, loadable without DeepSpeed (``pgm_dist.artifacts.load_model``)."""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from pgm_dist.artifacts import EXPORT_CONFIG, EXPORT_WEIGHTS, load_model
+from pgm_dist.checkpoint import TOKENIZER_FILE
+from pgm_dist.data.shards import write_json_atomic
+
+
+def export(ckpt: str | Path, out: str | Path) -> Path:
+    loaded = load_model(ckpt)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
+    save_file(state, str(out / EXPORT_WEIGHTS))
+    shutil.copyfile(loaded.source / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    write_json_atomic(out / EXPORT_CONFIG, {
+        "model_config": loaded.config.to_dict(), "tokenizer_sha256": loaded.tokenizer.sha256,
+        "step": loaded.info.get("step"), "data_meta": loaded.info.get("data_meta"),
+        "exported_from": str(loaded.source)})
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pgm_dist.export", description=__doc__)
+    parser.add_argument("--ckpt", required=True, help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.ckpt, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported EMA weights, config and tokenizer to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The training loop shared by pre-training and distillation.
+
+Reads top to bottom: step -> (log) -> (evaluate) -> (sample) -> (checkpoint), with
+every decision that must agree across ranks (time-based checkpoint, preemption
+signal) reduced at the step boundary. Everything that must survive a restart is in
+the checkpoint: train state, EMA, every rank's data-loader state, the objective's
+state (if it has one), DeepSpeed's optimizer and schedule.
+"""
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from pgm_dist.checkpoint import Checkpointer
+from pgm_dist.distributed import all_gather_objects, all_reduce
+from pgm_dist.engine import Engine
+from pgm_dist.flops import peak_flops, training_flops_per_token
+from pgm_dist.metrics import NullWriter
+from pgm_dist.telemetry import GpuTelemetry
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_seen: int = 0
+    samples_seen: int = 0
+    restarts: int = 0
+    nonfinite_steps: int = 0
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class StopFlag:
+    """Set by SIGUSR2 / SIGTERM (preemption); acted upon at the next step boundary only."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.raised = True
+
+
+@dataclass
+class LoopParts:
+    engine: Engine
+    train_loader: object  # has __iter__, state_dict(), load_state_dict(), skipped_shards
+    val_loader_factory: Callable[[], object]
+    checkpointer: Checkpointer
+    writer: NullWriter
+    sample_texts: Callable[[torch.nn.Module, int], list[str]]  # (model with EMA weights, step) -> texts
+    checkpoint_state: Callable[[TrainState], dict]  # pgm_state.json contents
+    tokenizer_path: Path | None
+
+
+class TrainingLoop:
+    def __init__(self, parts: LoopParts, state: TrainState, log=print):
+        self.p, self.state, self.log = parts, state, log
+        self.cfg = parts.engine.cfg
+        self.env = parts.engine.env
+        engine = parts.engine
+        self.tokens_per_step = engine.global_batch * engine.module.config.seq_len
+        self.flops_per_token = training_flops_per_token(engine.module, engine.module.config)
+        device = engine.device
+        self.peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        self.telemetry = GpuTelemetry.for_device(device)
+        self.stop = StopFlag()
+        self.last_texts: list[str] = []
+
+    # -- checkpoint state ----------------------------------------------------------------
+    def client_state(self) -> dict:
+        objective = self.p.engine.objective
+        return {
+            "train_state": self.state.state_dict(),
+            "data": all_gather_objects(self.p.train_loader.state_dict()),
+            "objective": objective.state_dict() if hasattr(objective, "state_dict") else None,
+            "ema_updates": self.p.engine.ema.updates,
+            "universal_checkpoint_info": {},
+        }
+
+    def restore(self, client_state: dict, ema_weights: dict) -> None:
+        self.state.load_state_dict(client_state["train_state"])
+        data = client_state["data"]
+        self.p.train_loader.load_state_dict(data[self.env.rank] if self.env.rank < len(data) else data[0])
+        objective = self.p.engine.objective
+        if client_state.get("objective") is not None:
+            objective.load_state_dict(client_state["objective"])
+        self.p.engine.ema.load_state_dict({"updates": client_state["ema_updates"], "shadow": ema_weights})
+
+    def save(self) -> Path:
+        engine = self.p.engine
+        return self.p.checkpointer.save(engine.ds, self.state.step, self.client_state(),
+                                        self.p.checkpoint_state(self.state), engine.ema.shadow,
+                                        self.p.tokenizer_path)
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> str:
+        """Train to ``max_steps``; returns "finished" or "preempted"."""
+        cfg, engine, state = self.cfg, self.p.engine, self.state
+        batches = iter(self.p.train_loader)
+        bar = tqdm(total=cfg.max_steps, initial=state.step, unit="step", dynamic_ncols=True,
+                   disable=not (cfg.progress and self.env.is_main))
+        window = {"loss": torch.zeros((), device=engine.device), "steps": 0, "wait": 0.0, "start": time.perf_counter()}
+        consecutive_bad, last_saved, status = 0, None, "finished"
+        try:
+            while state.step < cfg.max_steps:
+                result = engine.train_step(batches, state.step)
+                state.step += 1
+                state.samples_seen += engine.global_batch
+                state.tokens_seen += self.tokens_per_step
+                if result.applied:
+                    consecutive_bad = 0
+                    window["loss"] += result.loss
+                    window["steps"] += 1
+                else:
+                    consecutive_bad += 1
+                    state.nonfinite_steps += 1
+                    if consecutive_bad >= cfg.max_nonfinite:
+                        raise NonFiniteError(
+                            f"{consecutive_bad} consecutive steps with a non-finite loss or gradient norm "
+                            f"(up to step {state.step}); stopping. The last complete checkpoint is intact: "
+                            "lower --lr, check the data, or resume with another --seed")
+                window["wait"] += result.data_wait_s
+                bar.update(1)
+                if state.step % cfg.log_every == 0:
+                    self._log(window, result, bar)
+                if cfg.eval_every and state.step % cfg.eval_every == 0:
+                    self._evaluate()
+                if cfg.sample_every and state.step % cfg.sample_every == 0:
+                    self._sample()
+                flags = torch.tensor([float(self.p.checkpointer.due_by_time()), float(self.stop.raised)],
+                                     device=engine.device)
+                all_reduce(flags, "max")
+                if self.p.checkpointer.due_by_steps(state.step) or flags[0] > 0 or flags[1] > 0:
+                    self.save()
+                    last_saved = state.step
+                if flags[1] > 0:
+                    status = "preempted"
+                    break
+            if status == "finished":
+                if not cfg.eval_every or state.step % cfg.eval_every:
+                    self._evaluate()
+                self._sample()
+                if last_saved != state.step:
+                    self.save()
+        finally:
+            bar.close()
+        return status
+
+    def _log(self, window: dict, result, bar) -> None:
+        engine, state = self.p.engine, self.state
+        elapsed = time.perf_counter() - window["start"]
+        steps = self.cfg.log_every
+        loss = torch.stack([window["loss"].double(), torch.tensor(float(window["steps"]), device=engine.device,
+                                                                  dtype=torch.float64)])
+        all_reduce(loss)
+        skipped = all_reduce(torch.tensor(float(self.p.train_loader.skipped_shards), device=engine.device))
+        mean_loss = (loss[0] / loss[1]).item() if loss[1] > 0 else float("nan")
+        tokens_per_s = steps * self.tokens_per_step / elapsed
+        values = {
+            "train/loss": mean_loss, "train/lr": engine.lr, "train/grad_norm": result.grad_norm,
+            "train/nonfinite_steps": state.nonfinite_steps,
+            "perf/tokens_per_s": tokens_per_s, "perf/step_time_s": elapsed / steps,
+            "perf/data_wait_frac": window["wait"] / elapsed,
+            "perf/model_tflops_per_s": tokens_per_s * self.flops_per_token / 1e12,
+            "perf/mfu": (tokens_per_s * self.flops_per_token / (self.peak * self.env.world_size)
+                         if self.peak else None),
+            "data/skipped_shards": skipped.item(), "run/world_size": self.env.world_size,
+            "run/restarts": state.restarts, **self.telemetry.read(),
+        }
+        self.p.writer.scalars(values, state.step, state.tokens_seen)
+        bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        window.update(loss=torch.zeros((), device=engine.device), steps=0, wait=0.0, start=time.perf_counter())
+
+    def _evaluate(self) -> None:
+        nelbo, ppl = self.p.engine.evaluate(self.p.val_loader_factory())
+        self.p.writer.scalars({"val/nelbo": nelbo, "val/ppl": ppl}, self.state.step, self.state.tokens_seen)
+        if self.env.is_main:
+            tqdm.write(f"step {self.state.step}: val NELBO {nelbo:.4f} per token, perplexity {ppl:.2f}")
+
+    def _sample(self) -> None:
+        if not self.env.is_main:
+            return
+        engine = self.p.engine
+        with engine.ema.applied_to(engine.module) as model:
+            self.last_texts = self.p.sample_texts(model, self.state.step)
+        for i, text in enumerate(self.last_texts):
+            self.p.writer.text(f"samples/{i}", text, self.state.step)

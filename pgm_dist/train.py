@@ -171,7 +171,8 @@ def run(setup: Setup) -> str:
         setup.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(setup.out / "config.json", {
             "train": cfg.to_dict(), "model": setup.model_config.to_dict(), "ds_config": setup.ds_config,
-            "data": str(folder.path), "world_size": env.world_size})
+            "data": str(folder.path), "world_size": env.world_size,
+            "batch": {"global": engine.global_batch, "micro": engine.micro_batch, "accumulation": engine.accum}})
         print(f"training {setup.model_config.preset_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
               f"parameters) on {folder.path} for {cfg.max_steps} steps: global batch {engine.global_batch} = "
               f"{engine.micro_batch} x {env.world_size} ranks x {engine.accum} accumulation, "

@@ -39,7 +39,7 @@ class TrainConfig:
     train_shards: str | None = _opt(None, "train shard sources overriding DATA/train-*.tar "
                                           "(brace patterns, pipe:, http(s)://)")
     out: str = _opt("runs/default", "run folder: checkpoints, TensorBoard logs, resolved config")
-    max_steps: int = _opt(200, "optimizer steps to train for (in total, across restarts)")
+    max_steps: int = _opt(150, "optimizer steps to train for (in total, across restarts)")
     micro_batch: int | None = _opt(None, "override the DeepSpeed config's train_micro_batch_size_per_gpu")
     global_batch: int | None = _opt(None, "override the DeepSpeed config's train_batch_size")
     lr: float = _opt(1e-3, "peak learning rate (the paper: 3e-4)")

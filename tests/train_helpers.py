@@ -1,0 +1,56 @@
+"""Running the real entry point through the real ``deepspeed`` launcher, and reading back
+what it wrote (TensorBoard events, checkpoints)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = Path(__file__).resolve().parent.parent
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train(args: list[str], *, ranks: int | None = None, env: dict | None = None, timeout: int = 600,
+              check: bool = True, launcher: bool = True) -> subprocess.CompletedProcess:
+    """``deepspeed [--num_gpus N] pgm_dist/train.py ARGS`` from the repository root."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // (ranks or 1))), "PYTHONUNBUFFERED": "1",
+                **(env or {})}
+    if launcher:
+        cmd = [DEEPSPEED, "--master_port", str(free_port())]
+        if ranks:
+            cmd += ["--num_gpus", str(ranks)]
+    else:
+        cmd = [sys.executable]
+    cmd += ["pgm_dist/train.py", "--no-progress", *args]
+    done = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"training failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}")
+    return done
+
+
+def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar tag of a TensorBoard folder: {tag: {step: value}} (later events win)."""
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def text_tags(log_dir: Path) -> list[str]:
+    acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    return acc.Tags()["tensors"]
+
+
+def module_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]

@@ -15,6 +15,17 @@ def randomized_model(preset: str, vocab_size: int = 61, seq_len: int = 48, seed:
     return model.eval()
 
 
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """The built-in corpus (the standard library), with short blocks so CPU steps are fast."""
+    from pgm_dist.data.builder import BuildSettings, build
+
+    out = tmp_path_factory.mktemp("data") / "stdlib"
+    build(out, None, BuildSettings(vocab_size=1024, seq_len=64, samples_per_shard=2048, val_fraction=0.02),
+          progress=False, log=lambda *_: None)
+    return out
+
+
 @pytest.fixture
 def pgm_model():
     return randomized_model("pgm-tiny")

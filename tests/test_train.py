@@ -19,15 +19,6 @@ SHORT = ["--eval-batches", "2", "--sample-steps", "4", "--num-samples", "2", "--
 
 
 @pytest.fixture(scope="session")
-def data(tmp_path_factory):
-    """The built-in corpus (the standard library), with short blocks so CPU steps are fast."""
-    out = tmp_path_factory.mktemp("data") / "stdlib"
-    build(out, None, BuildSettings(vocab_size=1024, seq_len=64, samples_per_shard=2048, val_fraction=0.02),
-          progress=False, log=lambda *_: None)
-    return out
-
-
-@pytest.fixture(scope="session")
 def pulse_runs(data, tmp_path_factory):
     """The main command, for a handful of steps, with one rank and with two."""
     runs = {}

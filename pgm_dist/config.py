@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 ARCHITECTURES = ("pgm", "mdlm")
-ATTENTION_BACKENDS = ("auto", "reference", "flex")
+ATTENTION_BACKENDS = ("auto", "reference", "flex", "triton")
 
 
 @dataclass

@@ -1,7 +1,15 @@
-import pytest
+import os
+
 import torch
 
-from pgm_dist import ModelConfig, build_model
+# Without a GPU, the Triton kernels run in Triton's interpreter (exact semantics, slow).
+# Read when a kernel is defined: set before pgm_dist's lazy import of the kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from pgm_dist import ModelConfig, build_model  # noqa: E402
 
 
 def randomized_model(preset: str, vocab_size: int = 61, seq_len: int = 48, seed: int = 0, **overrides):

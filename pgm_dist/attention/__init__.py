@@ -11,3 +11,4 @@ __all__ = ["AttentionMask", "attend", "available_backends", "resolve_backend"]
 # Importing a backend module registers it.
 from pgm_dist.attention import flex as _flex  # noqa: E402,F401
 from pgm_dist.attention import reference as _reference  # noqa: E402,F401
+from pgm_dist.attention import triton_backend as _triton  # noqa: E402,F401

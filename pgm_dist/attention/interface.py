@@ -96,7 +96,7 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     """Map ``"auto"`` to the fastest backend available on ``device``; check others exist."""
     device = torch.device(device)
     if name == "auto":
-        preference = ("flex", "reference") if device.type == "cuda" else ("reference",)
+        preference = ("triton", "flex", "reference") if device.type == "cuda" else ("reference",)
         return next(n for n in preference if n in available_backends())
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; valid: auto, {', '.join(_BACKENDS)}")

@@ -1,0 +1,173 @@
+"""Fused partition attention kernels (Triton): forward, and backward for dQ and dK/dV.
+
+Everything works in the *group-sorted* index space of each sequence: sorted index
+``i`` is memory row ``perm[b, i]``, the group-0 positions first (``i < n0[b]``), then
+group 1. Same-group attention is then two diagonal blocks and cross-group attention
+two off-diagonal blocks, so a tile of queries that lies in one group visits only the
+key tiles of the range it may see; only tiles that straddle ``n0`` are masked. Rows
+are read and written through ``perm`` (no permuted copies), so tensors stay in their
+original order in memory. Online softmax with fp32 accumulation; a query with no
+visible key yields zero output and zero gradients (its logsumexp is stored as +inf).
+
+Imported lazily (by ``triton_backend``) because ``TRITON_INTERPRET`` is read when a
+kernel is defined.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _key_range(start_m, n0, seq_len, BLOCK_M: tl.constexpr, SAME: tl.constexpr):
+    """[lo, hi) of sorted key indices a query tile may see; the whole row if it straddles n0."""
+    end_m = start_m + BLOCK_M
+    all_g0 = end_m <= n0
+    all_g1 = start_m >= n0
+    if SAME:
+        lo = tl.where(all_g1, n0, 0)
+        hi = tl.where(all_g0, n0, seq_len)
+    else:
+        lo = tl.where(all_g0, n0, 0)
+        hi = tl.where(all_g1, n0, seq_len)
+    return lo, hi
+
+
+@triton.jit
+def _scores_mask(offs_m, offs_n, n0, hi, seq_len, SAME: tl.constexpr):
+    q_g1 = offs_m >= n0
+    k_g1 = offs_n >= n0
+    if SAME:
+        allowed = q_g1[:, None] == k_g1[None, :]
+    else:
+        allowed = q_g1[:, None] != k_g1[None, :]
+    valid = (offs_m[:, None] < seq_len) & (offs_n[None, :] < hi) & (offs_n[None, :] < seq_len)
+    return allowed & valid
+
+
+@triton.jit
+def _partition_fwd(Q, K, V, O, LSE, PERM, N0,
+                   stride_b, stride_h, stride_l, lse_stride_bh,
+                   seq_len, n_heads, scale,
+                   SAME: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    n0 = tl.load(N0 + b)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = b * stride_b + h * stride_h
+    q_rows = tl.load(PERM + b * seq_len + offs_m, mask=offs_m < seq_len, other=0)
+    q = tl.load(Q + base + q_rows[:, None] * stride_l + offs_d[None, :], mask=(offs_m < seq_len)[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    lo, hi = _key_range(start_m, n0, seq_len, BLOCK_M, SAME)
+    for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_range = (offs_n >= lo) & (offs_n < hi)
+        k_rows = tl.load(PERM + b * seq_len + offs_n, mask=in_range, other=0)
+        k = tl.load(K + base + k_rows[:, None] * stride_l + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        v = tl.load(V + base + k_rows[:, None] * stride_l + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        allowed = _scores_mask(offs_m, offs_n, n0, hi, seq_len, SAME) & (offs_n >= lo)[None, :]
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("inf"))
+    row_ok = offs_m < seq_len
+    tl.store(O + base + q_rows[:, None] * stride_l + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(LSE + pid_bh * lse_stride_bh + q_rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _partition_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, PERM, N0,
+                      stride_b, stride_h, stride_l, lse_stride_bh,
+                      seq_len, n_heads, scale,
+                      SAME: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    n0 = tl.load(N0 + b)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = b * stride_b + h * stride_h
+    row_ok = offs_m < seq_len
+    q_rows = tl.load(PERM + b * seq_len + offs_m, mask=row_ok, other=0)
+    q = tl.load(Q + base + q_rows[:, None] * stride_l + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + base + q_rows[:, None] * stride_l + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + pid_bh * lse_stride_bh + q_rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh * lse_stride_bh + q_rows, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    lo, hi = _key_range(start_m, n0, seq_len, BLOCK_M, SAME)
+    for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_range = (offs_n >= lo) & (offs_n < hi)
+        k_rows = tl.load(PERM + b * seq_len + offs_n, mask=in_range, other=0)
+        k = tl.load(K + base + k_rows[:, None] * stride_l + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        v = tl.load(V + base + k_rows[:, None] * stride_l + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        allowed = _scores_mask(offs_m, offs_n, n0, hi, seq_len, SAME) & (offs_n >= lo)[None, :]
+        p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+    tl.store(DQ + base + q_rows[:, None] * stride_l + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+@triton.jit
+def _partition_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, PERM, N0,
+                        stride_b, stride_h, stride_l, lse_stride_bh,
+                        seq_len, n_heads, scale,
+                        SAME: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    n0 = tl.load(N0 + b)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = b * stride_b + h * stride_h
+    col_ok = offs_n < seq_len
+    k_rows = tl.load(PERM + b * seq_len + offs_n, mask=col_ok, other=0)
+    k = tl.load(K + base + k_rows[:, None] * stride_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + base + k_rows[:, None] * stride_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    # The masks are symmetric: the queries that may see this key tile are found like the
+    # keys a query tile may see.
+    lo, hi = _key_range(start_n, n0, seq_len, BLOCK_N, SAME)
+    for start_m in range((lo // BLOCK_M) * BLOCK_M, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        in_range = (offs_m >= lo) & (offs_m < hi)
+        q_rows = tl.load(PERM + b * seq_len + offs_m, mask=in_range, other=0)
+        q = tl.load(Q + base + q_rows[:, None] * stride_l + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        do = tl.load(DO + base + q_rows[:, None] * stride_l + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        lse = tl.load(LSE + pid_bh * lse_stride_bh + q_rows, mask=in_range, other=float("inf"))
+        delta = tl.load(DELTA + pid_bh * lse_stride_bh + q_rows, mask=in_range, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_M, BLOCK_N]
+        allowed = _scores_mask(offs_m, offs_n, n0, seq_len, seq_len, SAME) & in_range[:, None] & col_ok[None, :]
+        p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision="ieee")
+    tl.store(DK + base + k_rows[:, None] * stride_l + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=col_ok[:, None])
+    tl.store(DV + base + k_rows[:, None] * stride_l + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=col_ok[:, None])

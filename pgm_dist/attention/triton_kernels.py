@@ -19,6 +19,21 @@ import triton.language as tl
 
 
 @triton.jit
+def _program(N0, n_heads, stride_b, stride_h):
+    """(batch-head program id, sequence, split point n0, offset of this head's rows)."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    return pid_bh, b, tl.load(N0 + b), b * stride_b + h * stride_h
+
+
+@triton.jit
+def _load_rows(PTR, base, rows, stride_l, offs_d, ok):
+    """A [rows, HEAD_DIM] tile read through the permutation (zeros where not ``ok``)."""
+    return tl.load(PTR + base + rows[:, None] * stride_l + offs_d[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
 def _key_range(start_m, n0, seq_len, BLOCK_M: tl.constexpr, SAME: tl.constexpr):
     """[lo, hi) of sorted key indices a query tile may see; the whole row if it straddles n0."""
     end_m = start_m + BLOCK_M
@@ -50,17 +65,13 @@ def _partition_fwd(Q, K, V, O, LSE, PERM, N0,
                    stride_b, stride_h, stride_l, lse_stride_bh,
                    seq_len, n_heads, scale,
                    SAME: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    n0 = tl.load(N0 + b)
-    start_m = pid_m * BLOCK_M
+    pid_bh, b, n0, base = _program(N0, n_heads, stride_b, stride_h)
+    start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    base = b * stride_b + h * stride_h
-    q_rows = tl.load(PERM + b * seq_len + offs_m, mask=offs_m < seq_len, other=0)
-    q = tl.load(Q + base + q_rows[:, None] * stride_l + offs_d[None, :], mask=(offs_m < seq_len)[:, None], other=0.0)
+    row_ok = offs_m < seq_len
+    q_rows = tl.load(PERM + b * seq_len + offs_m, mask=row_ok, other=0)
+    q = _load_rows(Q, base, q_rows, stride_l, offs_d, row_ok)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -70,8 +81,8 @@ def _partition_fwd(Q, K, V, O, LSE, PERM, N0,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_range = (offs_n >= lo) & (offs_n < hi)
         k_rows = tl.load(PERM + b * seq_len + offs_n, mask=in_range, other=0)
-        k = tl.load(K + base + k_rows[:, None] * stride_l + offs_d[None, :], mask=in_range[:, None], other=0.0)
-        v = tl.load(V + base + k_rows[:, None] * stride_l + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        k = _load_rows(K, base, k_rows, stride_l, offs_d, in_range)
+        v = _load_rows(V, base, k_rows, stride_l, offs_d, in_range)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         allowed = _scores_mask(offs_m, offs_n, n0, hi, seq_len, SAME) & (offs_n >= lo)[None, :]
         s = tl.where(allowed, s, float("-inf"))
@@ -85,7 +96,6 @@ def _partition_fwd(Q, K, V, O, LSE, PERM, N0,
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("inf"))
-    row_ok = offs_m < seq_len
     tl.store(O + base + q_rows[:, None] * stride_l + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(LSE + pid_bh * lse_stride_bh + q_rows, lse, mask=row_ok)
@@ -96,19 +106,14 @@ def _partition_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, PERM, N0,
                       stride_b, stride_h, stride_l, lse_stride_bh,
                       seq_len, n_heads, scale,
                       SAME: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    n0 = tl.load(N0 + b)
-    start_m = pid_m * BLOCK_M
+    pid_bh, b, n0, base = _program(N0, n_heads, stride_b, stride_h)
+    start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    base = b * stride_b + h * stride_h
     row_ok = offs_m < seq_len
     q_rows = tl.load(PERM + b * seq_len + offs_m, mask=row_ok, other=0)
-    q = tl.load(Q + base + q_rows[:, None] * stride_l + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + base + q_rows[:, None] * stride_l + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q, base, q_rows, stride_l, offs_d, row_ok)
+    do = _load_rows(DO, base, q_rows, stride_l, offs_d, row_ok)
     lse = tl.load(LSE + pid_bh * lse_stride_bh + q_rows, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh * lse_stride_bh + q_rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -117,8 +122,8 @@ def _partition_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, PERM, N0,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_range = (offs_n >= lo) & (offs_n < hi)
         k_rows = tl.load(PERM + b * seq_len + offs_n, mask=in_range, other=0)
-        k = tl.load(K + base + k_rows[:, None] * stride_l + offs_d[None, :], mask=in_range[:, None], other=0.0)
-        v = tl.load(V + base + k_rows[:, None] * stride_l + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        k = _load_rows(K, base, k_rows, stride_l, offs_d, in_range)
+        v = _load_rows(V, base, k_rows, stride_l, offs_d, in_range)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         allowed = _scores_mask(offs_m, offs_n, n0, hi, seq_len, SAME) & (offs_n >= lo)[None, :]
         p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
@@ -134,19 +139,14 @@ def _partition_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, PERM, N0,
                         stride_b, stride_h, stride_l, lse_stride_bh,
                         seq_len, n_heads, scale,
                         SAME: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    n0 = tl.load(N0 + b)
-    start_n = pid_n * BLOCK_N
+    pid_bh, b, n0, base = _program(N0, n_heads, stride_b, stride_h)
+    start_n = tl.program_id(0) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    base = b * stride_b + h * stride_h
     col_ok = offs_n < seq_len
     k_rows = tl.load(PERM + b * seq_len + offs_n, mask=col_ok, other=0)
-    k = tl.load(K + base + k_rows[:, None] * stride_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + base + k_rows[:, None] * stride_l + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    k = _load_rows(K, base, k_rows, stride_l, offs_d, col_ok)
+    v = _load_rows(V, base, k_rows, stride_l, offs_d, col_ok)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     # The masks are symmetric: the queries that may see this key tile are found like the
@@ -156,8 +156,8 @@ def _partition_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, PERM, N0,
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_range = (offs_m >= lo) & (offs_m < hi)
         q_rows = tl.load(PERM + b * seq_len + offs_m, mask=in_range, other=0)
-        q = tl.load(Q + base + q_rows[:, None] * stride_l + offs_d[None, :], mask=in_range[:, None], other=0.0)
-        do = tl.load(DO + base + q_rows[:, None] * stride_l + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        q = _load_rows(Q, base, q_rows, stride_l, offs_d, in_range)
+        do = _load_rows(DO, base, q_rows, stride_l, offs_d, in_range)
         lse = tl.load(LSE + pid_bh * lse_stride_bh + q_rows, mask=in_range, other=float("inf"))
         delta = tl.load(DELTA + pid_bh * lse_stride_bh + q_rows, mask=in_range, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_M, BLOCK_N]

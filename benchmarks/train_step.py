@@ -22,7 +22,8 @@ def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["pgm-tiny", "pgm-small"])
-    p.add_argument("--backends", nargs="+", default=available_backends())
+    p.add_argument("--backends", nargs="+", default=sorted(available_backends(), key=lambda b: b != "reference"),
+                   help="attention backends; the first is the baseline")
     p.add_argument("--vocab-size", type=int, default=50258)
     p.add_argument("--batch", type=int, default=8 if cuda else 2)
     p.add_argument("--seq-len", type=int, default=1024 if cuda else 256)

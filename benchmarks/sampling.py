@@ -62,7 +62,6 @@ def main(argv=None) -> list[dict]:
         seconds = min(_time(run, device) for _ in range(args.repeats))
         rows.append(dict(model=name, preset=preset, params_m=count_parameters(model) / 1e6, seconds=seconds,
                          tokens_per_s=args.batch * args.seq_len / seconds))
-        del model
     baseline = rows[0]["tokens_per_s"]
     print(f"device {device}, dtype {dtype}, batch {args.batch}, L {args.seq_len}, steps {args.steps}")
     print(f"{'sampler':<8} {'preset':<14} {'params (M)':>10} {'wall (s)':>9} {'tokens/s':>10} {'vs MDLM':>8}")

@@ -9,7 +9,6 @@ Every error a user can cause is raised before any distributed work starts.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import sys

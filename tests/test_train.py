@@ -4,8 +4,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -183,3 +187,27 @@ def test_triton_backend_trains_under_deepspeed_zero1(data, tmp_path):
     for step in (1, 2):
         assert math.isfinite(losses["triton"][step])
         assert losses["triton"][step] == pytest.approx(losses["reference"][step], abs=1e-4)
+
+
+def test_preemption_signal_saves_at_the_next_step_and_resume_continues(data, tmp_path):
+    """SIGUSR2 (SLURM's preemption warning) sets a flag; the run checkpoints at the next step
+    boundary and exits cleanly; the next run resumes from that step."""
+    args = [sys.executable, "pgm_dist/train.py", "--no-progress", "--data", str(data), "--out", str(tmp_path),
+            "--max-steps", "100000", "--eval-every", "0", "--ckpt-every", "0", "--log-every", "1",
+            "--global-batch", "8", *SHORT]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "config.json").exists():  # written once the loop is ready
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.5)
+    time.sleep(3)
+    proc.send_signal(signal.SIGUSR2)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-3000:]
+    stopped = int(re.search(r"preempted at step (\d+)", output).group(1))
+    assert stopped >= 1
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == [f"step_{stopped:08d}"]
+    resumed = run_train(args[2:] + ["--max-steps", str(stopped + 2)], launcher=False)
+    assert f"at step {stopped}" in resumed.stdout and f"finished at step {stopped + 2}" in resumed.stdout
+    assert scalars(tmp_path / "tb")["run/restarts"][stopped + 2] == 1

@@ -118,7 +118,8 @@ class TrainingLoop:
         bar = tqdm(total=cfg.max_steps, initial=state.step, unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and self.env.is_main))
         window = {"loss": torch.zeros((), device=engine.device), "steps": 0, "wait": 0.0, "start": time.perf_counter()}
-        consecutive_bad, last_saved, status = 0, None, "finished"
+        # A resumed run starts at the step of the checkpoint it loaded: never save that step again.
+        consecutive_bad, last_saved, status = 0, state.step or None, "finished"
         try:
             while state.step < cfg.max_steps:
                 result = engine.train_step(batches, state.step)

@@ -34,6 +34,29 @@ def _load_rows(PTR, base, rows, stride_l, offs_d, ok):
 
 
 @triton.jit
+def _tile_rows(PERM, b, seq_len, start, BLOCK: tl.constexpr, lo, hi):
+    """Sorted indices of one tile, which of them lie in [lo, hi), and their memory rows."""
+    offs = start + tl.arange(0, BLOCK)
+    ok = (offs >= lo) & (offs < hi)
+    return offs, ok, tl.load(PERM + b * seq_len + offs, mask=ok, other=0)
+
+
+@triton.jit
+def _store_rows(PTR, base, rows, stride_l, offs_d, ok, values):
+    tl.store(PTR + base + rows[:, None] * stride_l + offs_d[None, :], values.to(PTR.dtype.element_ty),
+             mask=ok[:, None])
+
+
+@triton.jit
+def _backward_tile(q, k, v, do, lse, delta, allowed, scale):
+    """Recomputed probabilities P and score gradients dS = P * (dO V^T - delta) of one tile."""
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _key_range(start_m, n0, seq_len, BLOCK_M: tl.constexpr, SAME: tl.constexpr):
     """[lo, hi) of sorted key indices a query tile may see; the whole row if it straddles n0."""
     end_m = start_m + BLOCK_M
@@ -67,10 +90,8 @@ def _partition_fwd(Q, K, V, O, LSE, PERM, N0,
                    SAME: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_bh, b, n0, base = _program(N0, n_heads, stride_b, stride_h)
     start_m = tl.program_id(0) * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m, row_ok, q_rows = _tile_rows(PERM, b, seq_len, start_m, BLOCK_M, 0, seq_len)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < seq_len
-    q_rows = tl.load(PERM + b * seq_len + offs_m, mask=row_ok, other=0)
     q = _load_rows(Q, base, q_rows, stride_l, offs_d, row_ok)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -78,13 +99,11 @@ def _partition_fwd(Q, K, V, O, LSE, PERM, N0,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     lo, hi = _key_range(start_m, n0, seq_len, BLOCK_M, SAME)
     for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_range = (offs_n >= lo) & (offs_n < hi)
-        k_rows = tl.load(PERM + b * seq_len + offs_n, mask=in_range, other=0)
+        offs_n, in_range, k_rows = _tile_rows(PERM, b, seq_len, start_n, BLOCK_N, lo, hi)
         k = _load_rows(K, base, k_rows, stride_l, offs_d, in_range)
         v = _load_rows(V, base, k_rows, stride_l, offs_d, in_range)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        allowed = _scores_mask(offs_m, offs_n, n0, hi, seq_len, SAME) & (offs_n >= lo)[None, :]
+        allowed = _scores_mask(offs_m, offs_n, n0, hi, seq_len, SAME) & in_range[None, :]
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -96,8 +115,7 @@ def _partition_fwd(Q, K, V, O, LSE, PERM, N0,
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("inf"))
-    tl.store(O + base + q_rows[:, None] * stride_l + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
+    _store_rows(O, base, q_rows, stride_l, offs_d, row_ok, out)
     tl.store(LSE + pid_bh * lse_stride_bh + q_rows, lse, mask=row_ok)
 
 
@@ -108,10 +126,8 @@ def _partition_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, PERM, N0,
                       SAME: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_bh, b, n0, base = _program(N0, n_heads, stride_b, stride_h)
     start_m = tl.program_id(0) * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m, row_ok, q_rows = _tile_rows(PERM, b, seq_len, start_m, BLOCK_M, 0, seq_len)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < seq_len
-    q_rows = tl.load(PERM + b * seq_len + offs_m, mask=row_ok, other=0)
     q = _load_rows(Q, base, q_rows, stride_l, offs_d, row_ok)
     do = _load_rows(DO, base, q_rows, stride_l, offs_d, row_ok)
     lse = tl.load(LSE + pid_bh * lse_stride_bh + q_rows, mask=row_ok, other=float("inf"))
@@ -119,19 +135,13 @@ def _partition_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, PERM, N0,
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     lo, hi = _key_range(start_m, n0, seq_len, BLOCK_M, SAME)
     for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_range = (offs_n >= lo) & (offs_n < hi)
-        k_rows = tl.load(PERM + b * seq_len + offs_n, mask=in_range, other=0)
+        offs_n, in_range, k_rows = _tile_rows(PERM, b, seq_len, start_n, BLOCK_N, lo, hi)
         k = _load_rows(K, base, k_rows, stride_l, offs_d, in_range)
         v = _load_rows(V, base, k_rows, stride_l, offs_d, in_range)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        allowed = _scores_mask(offs_m, offs_n, n0, hi, seq_len, SAME) & (offs_n >= lo)[None, :]
-        p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        ds = p * (dp - delta[:, None])
+        allowed = _scores_mask(offs_m, offs_n, n0, hi, seq_len, SAME) & in_range[None, :]
+        _, ds = _backward_tile(q, k, v, do, lse, delta, allowed, scale)
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-    tl.store(DQ + base + q_rows[:, None] * stride_l + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None])
+    _store_rows(DQ, base, q_rows, stride_l, offs_d, row_ok, dq * scale)
 
 
 @triton.jit
@@ -141,10 +151,8 @@ def _partition_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, PERM, N0,
                         SAME: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_bh, b, n0, base = _program(N0, n_heads, stride_b, stride_h)
     start_n = tl.program_id(0) * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_n, col_ok, k_rows = _tile_rows(PERM, b, seq_len, start_n, BLOCK_N, 0, seq_len)
     offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n < seq_len
-    k_rows = tl.load(PERM + b * seq_len + offs_n, mask=col_ok, other=0)
     k = _load_rows(K, base, k_rows, stride_l, offs_d, col_ok)
     v = _load_rows(V, base, k_rows, stride_l, offs_d, col_ok)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -153,21 +161,14 @@ def _partition_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, PERM, N0,
     # keys a query tile may see.
     lo, hi = _key_range(start_n, n0, seq_len, BLOCK_N, SAME)
     for start_m in range((lo // BLOCK_M) * BLOCK_M, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        in_range = (offs_m >= lo) & (offs_m < hi)
-        q_rows = tl.load(PERM + b * seq_len + offs_m, mask=in_range, other=0)
+        offs_m, in_range, q_rows = _tile_rows(PERM, b, seq_len, start_m, BLOCK_M, lo, hi)
         q = _load_rows(Q, base, q_rows, stride_l, offs_d, in_range)
         do = _load_rows(DO, base, q_rows, stride_l, offs_d, in_range)
         lse = tl.load(LSE + pid_bh * lse_stride_bh + q_rows, mask=in_range, other=float("inf"))
         delta = tl.load(DELTA + pid_bh * lse_stride_bh + q_rows, mask=in_range, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_M, BLOCK_N]
         allowed = _scores_mask(offs_m, offs_n, n0, seq_len, seq_len, SAME) & in_range[:, None] & col_ok[None, :]
-        p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+        p, ds = _backward_tile(q, k, v, do, lse, delta, allowed, scale)  # [BLOCK_M, BLOCK_N]
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision="ieee")
-    tl.store(DK + base + k_rows[:, None] * stride_l + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=col_ok[:, None])
-    tl.store(DV + base + k_rows[:, None] * stride_l + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=col_ok[:, None])
+    _store_rows(DK, base, k_rows, stride_l, offs_d, col_ok, dk * scale)
+    _store_rows(DV, base, k_rows, stride_l, offs_d, col_ok, dv)

@@ -1,0 +1,193 @@
+"""Training composition shared by every entry point: ``deepspeed pgm_dist/train.py`` and the
+SLURM launcher's in-job task (``launcher/submit.py``) both end in :func:`prepare_process`
+then :func:`run`. Every error a user can cause is raised by :func:`prepare` before any
+distributed work starts.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pgm_dist.checkpoint import find_resume_checkpoint, load_ema_weights, prepare_universal, read_state
+from pgm_dist.config import ModelConfig
+from pgm_dist.data.builder import BuildSettings, build
+from pgm_dist.data.loader import TrainLoader, ValidationLoader
+from pgm_dist.data.shards import DataError, DataFolder, write_json_atomic
+from pgm_dist.data.tokenizer import Tokenizer
+from pgm_dist.distributed import DistEnv, dist_env, init_process_group, select_device
+from pgm_dist.train_config import ConfigError, TrainConfig, resolve_ds_config
+
+DEFAULT_DATA = Path("data_shards/default")
+
+
+@dataclass
+class Setup:
+    """Everything decided before any distributed work."""
+    cfg: TrainConfig
+    env: DistEnv
+    device: torch.device
+    folder: DataFolder
+    tokenizer: Tokenizer
+    model_config: ModelConfig
+    ds_config: dict
+    train_loader: TrainLoader
+    resume_from: Path | None
+    universal: bool
+    out: Path
+
+
+def default_data(env: DistEnv) -> Path:
+    """Build the built-in corpus once; concurrent ranks wait on a file lock."""
+    DEFAULT_DATA.parent.mkdir(parents=True, exist_ok=True)
+    with open(DEFAULT_DATA.parent / ".default.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        build(DEFAULT_DATA, None, BuildSettings(), progress=env.is_main,
+              log=print if env.is_main else (lambda *_: None))
+    return DEFAULT_DATA
+
+
+def check_resume(checkpoint: Path, model_config: ModelConfig, tokenizer: Tokenizer) -> dict:
+    saved = read_state(checkpoint)
+    if saved["tokenizer_sha256"] != tokenizer.sha256:
+        raise ConfigError(f"the tokenizer of the data ({tokenizer.path}) does not match the one checkpoint "
+                          f"{checkpoint} was trained with; use the same data folder or --resume never")
+    old, new = dict(saved["model_config"]), model_config.to_dict()
+    for volatile in ("attention", "preset_name"):
+        old.pop(volatile), new.pop(volatile)
+    if old != new:
+        diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+        raise ConfigError(f"checkpoint {checkpoint} holds another model (checkpoint vs run: {diff}); "
+                          "pass the same --model and data, or --resume never")
+    return saved
+
+
+def prepare(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Setup:
+    data_path = Path(cfg.data) if cfg.data else default_data(env)
+    folder = DataFolder.open(data_path)
+    meta = folder.meta
+    tokenizer = Tokenizer(folder.tokenizer_path)
+    overrides = {"dropout": cfg.dropout} if cfg.dropout is not None else {}
+    model_config = ModelConfig.preset(cfg.model, vocab_size=meta.vocab_size, seq_len=meta.seq_len,
+                                      attention=cfg.attention, bos_id=meta.special_ids["bos"],
+                                      eos_id=meta.special_ids["eos"], **overrides)
+    out = Path(cfg.out)
+    resume_from = find_resume_checkpoint(cfg.resume, out / "checkpoints")
+    ds_config = resolve_ds_config(cfg.ds_config, world_size=env.world_size, device=device,
+                                  micro_batch=cfg.micro_batch, global_batch=cfg.global_batch)
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ConfigError("ZeRO-3 is not supported by pgm_dist yet (EMA and sampling need whole parameters); "
+                          "use ds_configs/zero2.json, the right choice for models up to ~1B parameters")
+    universal = False
+    if resume_from is not None:
+        saved = check_resume(resume_from, model_config, tokenizer)
+        stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        universal = saved["world_size"] != env.world_size or saved["zero_stage"] != stage
+        if universal:
+            ds_config["checkpoint"] = {"load_universal": True}
+    train_loader = TrainLoader(
+        cfg.train_shards or folder.train_sources, seq_len=meta.seq_len,
+        micro_batch=ds_config["train_micro_batch_size_per_gpu"], rank=env.rank, world_size=env.world_size,
+        num_workers=cfg.loader_workers, seed=cfg.seed, shuffle_shards=cfg.shuffle_shards,
+        samples_per_shard=None if cfg.train_shards else meta.samples_per_shard,
+        pin_memory=device.type == "cuda")
+    return Setup(cfg, env, device, folder, tokenizer, model_config, ds_config, train_loader, resume_from,
+                 universal, out)
+
+
+def _limit_cpu_threads(env: DistEnv, device: torch.device) -> None:
+    """Ranks sharing a CPU must split its cores (the launchers do not set OMP_NUM_THREADS)."""
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", env.world_size)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def run(setup: Setup) -> str:
+    import deepspeed
+
+    from pgm_dist.checkpoint import Checkpointer
+    from pgm_dist.engine import Engine
+    from pgm_dist.loop import LoopParts, TrainingLoop, TrainState
+    from pgm_dist.metrics import make_writer
+    from pgm_dist.models import build_model
+    from pgm_dist.objectives import objective_for
+    from pgm_dist.sampling import generate
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    cfg, env, device = setup.cfg, setup.env, setup.device
+    init_process_group(device)
+    tag = None
+    if setup.resume_from is not None:
+        tag = prepare_universal(setup.resume_from, env) if setup.universal else setup.resume_from.name
+    torch.manual_seed(cfg.seed)
+    model = build_model(setup.model_config)
+    engine = Engine(model, objective_for(setup.model_config), cfg, setup.ds_config, env, device)
+    stage = setup.ds_config.get("zero_optimization", {}).get("stage", 0)
+    folder = setup.folder
+    has_val = any(folder.path.glob("val-*.tar"))
+
+    def val_batches():
+        if not has_val:
+            return []
+        return ValidationLoader(folder.val_sources, seq_len=folder.meta.seq_len, micro_batch=engine.micro_batch,
+                                rank=env.rank, world_size=env.world_size, max_batches=cfg.eval_batches)
+
+    def sample_texts(model, step: int) -> list[str]:
+        generator = torch.Generator(device).manual_seed(cfg.seed * 7919 + step)
+        tokens = generate(model, cfg.num_samples, cfg.sample_steps, generator=generator)
+        return [setup.tokenizer.decode(row.tolist()) for row in tokens]
+
+    def checkpoint_state(state) -> dict:
+        return {"step": state.step, "train_state": state.state_dict(), "world_size": env.world_size,
+                "zero_stage": stage, "model_config": setup.model_config.to_dict(), "train_config": cfg.to_dict(),
+                "tokenizer_sha256": setup.tokenizer.sha256, "data_meta": folder.meta.to_dict()}
+
+    state = TrainState()
+    checkpointer = Checkpointer(setup.out / "checkpoints", env, cfg.keep_last, cfg.ckpt_every, cfg.ckpt_minutes)
+    parts = LoopParts(engine, setup.train_loader, val_batches, checkpointer, None, sample_texts,
+                      checkpoint_state, setup.tokenizer.path)
+    loop = TrainingLoop(parts, state)
+    if setup.resume_from is not None:
+        _, client_state = engine.ds.load_checkpoint(str(setup.resume_from.parent), tag=tag,
+                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+        loop.restore(client_state, load_ema_weights(setup.resume_from))
+        state.restarts += 1
+        if env.is_main:
+            print(f"resumed from {setup.resume_from} at step {state.step}")
+    parts.writer = make_writer(env.is_main, setup.out / "tb", purge_step=state.step + 1 if state.step else None)
+    if env.is_main:
+        setup.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(setup.out / "config.json", {
+            "train": cfg.to_dict(), "model": setup.model_config.to_dict(), "ds_config": setup.ds_config,
+            "data": str(folder.path), "world_size": env.world_size,
+            "batch": {"global": engine.global_batch, "micro": engine.micro_batch, "accumulation": engine.accum}})
+        print(f"training {setup.model_config.preset_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+              f"parameters) on {folder.path} for {cfg.max_steps} steps: global batch {engine.global_batch} = "
+              f"{engine.micro_batch} x {env.world_size} ranks x {engine.accum} accumulation, "
+              f"{'bf16' if setup.ds_config['bf16']['enabled'] else 'fp32'}, ZeRO-{stage}, {device}")
+    try:
+        status = loop.run()
+    finally:
+        parts.writer.close()
+    if env.is_main:
+        print(f"\n{status} at step {state.step}.")
+        for i, text in enumerate(loop.last_texts):
+            print(f"--- sample {i} (EMA weights, {cfg.sample_steps} steps) ---\n{text[:600]}")
+        print(f"\nTensorBoard logs: {setup.out / 'tb'}   (tensorboard --logdir {setup.out / 'tb'})")
+        print(f"checkpoints:      {setup.out / 'checkpoints'}")
+    return status
+
+
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, ValueError)
+
+
+def prepare_process(cfg: TrainConfig) -> Setup:
+    """This process's rank, device and CPU threads, then :func:`prepare` (raises ``USER_ERRORS``)."""
+    env = dist_env()
+    device = select_device(env)
+    _limit_cpu_threads(env, device)
+    return prepare(cfg, env, device)

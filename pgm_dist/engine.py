@@ -79,7 +79,7 @@ class Engine:
             tokens = next(batches).to(self.device, non_blocking=True)
             data_wait += time.perf_counter() - start
             index = global_sample_indices(self.micro_batch, self.env.rank, self.env.world_size, micro)
-            t = low_discrepancy_times(u, index, self.global_batch).to(self.device)
+            t = low_discrepancy_times(u, index, self.global_batch, self.objective.t_min).to(self.device)
             seed = derived_seed(self.cfg.seed, step, self.env.rank, micro)
             torch.manual_seed(seed)  # dropout
             generator = torch.Generator(self.device).manual_seed(seed)

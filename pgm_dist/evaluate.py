@@ -24,7 +24,7 @@ def nelbo_sums(model, objective, batches: Iterable[torch.Tensor], device: torch.
             tokens = tokens.to(device)
             generator = torch.Generator(device).manual_seed(derived_seed(seed, rank, index))
             u = torch.rand((), generator=generator, device=device, dtype=torch.float64).item()
-            t = low_discrepancy_times(u, torch.arange(tokens.shape[0]), tokens.shape[0]).to(device)
+            t = low_discrepancy_times(u, torch.arange(tokens.shape[0]), tokens.shape[0], objective.t_min).to(device)
             nelbo_sum, count = objective.nelbo(model, tokens, t, generator)
             total += torch.stack([nelbo_sum.double(), torch.tensor(float(count), device=device, dtype=torch.float64)])
     model.train(was_training)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-T_MIN = 1e-3
+T_MIN = 1e-3  # the pre-training objectives' time floor (distillation samples down to 1e-5)
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def global_sample_indices(micro_batch: int, rank: int, world_size: int, micro_st
     return torch.arange(start, start + micro_batch)
 
 
-def low_discrepancy_times(u: float, indices: Tensor, n: int, t_min: float = T_MIN) -> Tensor:
+def low_discrepancy_times(u: float, indices: Tensor, n: int, t_min: float) -> Tensor:
     """``t_i = t_min + (1 - t_min) * ((u + i / n) mod 1)`` for the global indices ``i`` (float32)."""
     stratified = torch.remainder(u + indices.double() / n, 1.0)
     return (t_min + (1 - t_min) * stratified).float()
@@ -89,9 +89,13 @@ def pgm_loss_terms(nll: Tensor, groups: Tensor, t: Tensor, schedule: LogLinearSc
 
 @dataclass(frozen=True)
 class PGMObjective:
-    """Both complementary masked-modelling NELBOs (at t and t') in one pass."""
+    """Both complementary masked-modelling NELBOs (at t and t') in one pass.
+
+    ``t_min``: the floor of the noise levels the engine and the evaluation draw.
+    """
 
     schedule: LogLinearSchedule = LogLinearSchedule()
+    t_min: float = T_MIN
 
     def _forward(self, model, tokens: Tensor, t: Tensor, generator) -> tuple[Tensor, Tensor]:
         groups = partition_groups(t, tokens.shape[1], self.schedule, generator)
@@ -125,6 +129,7 @@ class MDLMObjective:
 
     mask_id: int
     schedule: LogLinearSchedule = LogLinearSchedule()
+    t_min: float = T_MIN
 
     def nelbo(self, model, tokens: Tensor, t: Tensor, generator=None) -> tuple[Tensor, int]:
         noisy, masked = mask_tokens(tokens, t, self.mask_id, self.schedule, generator)

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from pgm_dist.evaluate import nelbo_sums
 from pgm_dist.objectives import (
     T_MIN, LogLinearSchedule, MDLMObjective, PGMObjective, global_sample_indices, low_discrepancy_times,
     partition_groups, shared_uniform,
@@ -30,7 +31,7 @@ def test_reveal_probability_of_log_linear_schedule():
 
 
 def test_times_of_two_ranks_and_two_micro_steps_form_the_low_discrepancy_set():
-    micro_batch, world, accum = 3, 2, 2
+    micro_batch, world, accum, t_min = 3, 2, 2, 1e-5  # distillation's floor
     n = micro_batch * world * accum
     u = shared_uniform(seed=7, step=11)
     assert u == shared_uniform(seed=7, step=11) and u != shared_uniform(seed=7, step=12)
@@ -39,15 +40,32 @@ def test_times_of_two_ranks_and_two_micro_steps_form_the_low_discrepancy_set():
         for micro_step in range(accum):
             idx = global_sample_indices(micro_batch, rank, world, micro_step)
             indices.append(idx)
-            times.append(low_discrepancy_times(u, idx, n))
+            times.append(low_discrepancy_times(u, idx, n, t_min))
     assert sorted(torch.cat(indices).tolist()) == list(range(n))
     t = torch.cat(times).double()
-    assert t.min() >= T_MIN and t.max() <= 1.0
-    fractions = ((t - T_MIN) / (1 - T_MIN)).sort().values
+    assert t.min() >= t_min and t.max() <= 1.0
+    fractions = ((t - t_min) / (1 - t_min)).sort().values
     # n points with spacing exactly 1/n, the first at (u mod 1/n).
     torch.testing.assert_close(fractions.diff(), torch.full((n - 1,), 1 / n, dtype=torch.float64),
                                atol=1e-6, rtol=0)
     assert fractions[0].item() == pytest.approx(math.fmod(u, 1 / n), abs=1e-6)
+
+
+def test_the_objective_sets_the_time_floor_of_the_evaluation(pgm_model):
+    """``nelbo_sums`` draws t in [objective.t_min, 1], not in a module-wide range."""
+
+    class Recording(PGMObjective):
+        def nelbo(self, model, tokens, t, generator=None):
+            seen.append(t)
+            return super().nelbo(model, tokens, t, generator)
+
+    assert PGMObjective().t_min == MDLMObjective(mask_id=0).t_min == T_MIN
+    seen = []
+    batches = [torch.randint(0, 61, (8, 48), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    nelbo_sums(pgm_model, Recording(t_min=0.9), batches, torch.device("cpu"), seed=0)
+    t = torch.cat(seen)
+    # 8 stratified times per batch: one in every eighth of [0.9, 1]
+    assert t.min() >= 0.9 and t.max() <= 1.0 and t.max() - t.min() > 0.08
 
 
 def test_partition_groups_follow_the_schedule():

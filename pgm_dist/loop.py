@@ -117,7 +117,10 @@ class TrainingLoop:
         batches = iter(self.p.train_loader)
         bar = tqdm(total=cfg.max_steps, initial=state.step, unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and self.env.is_main))
-        window = {"loss": torch.zeros((), device=engine.device), "steps": 0, "wait": 0.0, "start": time.perf_counter()}
+        # "applied" steps carry the mean loss; every step (a skipped non-finite one took time too) counts
+        # for throughput. A run resumed off a multiple of log_every starts with a shorter window.
+        window = {"loss": torch.zeros((), device=engine.device), "applied": 0, "steps": 0, "wait": 0.0,
+                  "start": time.perf_counter()}
         # A resumed run starts at the step of the checkpoint it loaded: never save that step again.
         consecutive_bad, last_saved, status = 0, state.step or None, "finished"
         try:
@@ -126,10 +129,11 @@ class TrainingLoop:
                 state.step += 1
                 state.samples_seen += engine.global_batch
                 state.tokens_seen += self.tokens_per_step
+                window["steps"] += 1
                 if result.applied:
                     consecutive_bad = 0
                     window["loss"] += result.loss
-                    window["steps"] += 1
+                    window["applied"] += 1
                 else:
                     consecutive_bad += 1
                     state.nonfinite_steps += 1
@@ -168,8 +172,8 @@ class TrainingLoop:
     def _log(self, window: dict, result, bar) -> None:
         engine, state = self.p.engine, self.state
         elapsed = time.perf_counter() - window["start"]
-        steps = self.cfg.log_every
-        loss = torch.stack([window["loss"].double(), torch.tensor(float(window["steps"]), device=engine.device,
+        steps = window["steps"]
+        loss = torch.stack([window["loss"].double(), torch.tensor(float(window["applied"]), device=engine.device,
                                                                   dtype=torch.float64)])
         all_reduce(loss)
         skipped = all_reduce(torch.tensor(float(self.p.train_loader.skipped_shards), device=engine.device))
@@ -188,7 +192,8 @@ class TrainingLoop:
         }
         self.p.writer.scalars(values, state.step, state.tokens_seen)
         bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-        window.update(loss=torch.zeros((), device=engine.device), steps=0, wait=0.0, start=time.perf_counter())
+        window.update(loss=torch.zeros((), device=engine.device), applied=0, steps=0, wait=0.0,
+                      start=time.perf_counter())
 
     def _evaluate(self) -> None:
         nelbo, ppl = self.p.engine.evaluate(self.p.val_loader_factory())

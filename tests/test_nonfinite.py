@@ -3,6 +3,7 @@ with the last checkpoint intact. Runs the real engine and loop in-process (world
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -51,9 +52,9 @@ def world_of_one():
             os.environ[key] = value
 
 
-def _loop(data, tmp_path, env, poisoned, max_steps):
+def _loop(data, tmp_path, env, poisoned, max_steps, log_every=1):
     folder = DataFolder.open(data)
-    cfg = TrainConfig(max_steps=max_steps, max_nonfinite=2, ckpt_every=3, eval_every=0, log_every=1,
+    cfg = TrainConfig(max_steps=max_steps, max_nonfinite=2, ckpt_every=3, eval_every=0, log_every=log_every,
                       progress=False, out=str(tmp_path), warmup_steps=1)
     ds_config = resolve_ds_config("ds_configs/zero2.json", world_size=1, device=torch.device("cpu"),
                                   micro_batch=4, global_batch=4)
@@ -91,3 +92,32 @@ def test_too_many_nonfinite_steps_stop_with_last_checkpoint_intact(data, tmp_pat
     assert loop.state.step == 6 and loop.state.nonfinite_steps == 2
     done = complete_checkpoints(tmp_path / "checkpoints")
     assert [p.name for p in done] == ["step_00000003"] and (done[0] / MARKER).is_file()
+
+
+class RecordingWriter(NullWriter):
+    """Keeps the training scalars logged, with the wall-clock time of the call."""
+
+    def __init__(self):
+        self.logged: dict[int, tuple[dict, float]] = {}
+
+    def scalars(self, values: dict, step: int, tokens: int) -> None:
+        if "train/loss" in values:
+            self.logged[step] = (values, time.perf_counter())
+
+
+def test_throughput_counts_the_steps_of_a_short_window_after_resume(data, tmp_path, world_of_one):
+    """Resumed at step 3 with --log-every 2: the window logged at step 4 holds one step, the one
+    at step 6 two (one of them skipped as non-finite: it still took time)."""
+    loop, _ = _loop(data, tmp_path, world_of_one, poisoned={2}, max_steps=6, log_every=2)
+    loop.state.step = 3  # what restore() leaves after loading a step-3 checkpoint
+    loop.p.writer = writer = RecordingWriter()
+    start = time.perf_counter()
+    loop.run()
+    assert sorted(writer.logged) == [4, 6] and loop.state.nonfinite_steps == 1
+    (at4, time4), (at6, time6) = writer.logged[4], writer.logged[6]
+    # The window's time lies inside the wall time between the writer calls and fills most of it.
+    for values, steps, wall in ((at4, 1, time4 - start), (at6, 2, time6 - time4)):
+        assert 0.75 * wall < values["perf/step_time_s"] * steps <= wall
+        assert values["perf/tokens_per_s"] == pytest.approx(loop.tokens_per_step / values["perf/step_time_s"])
+        assert values["perf/model_tflops_per_s"] == pytest.approx(
+            values["perf/tokens_per_s"] * loop.flops_per_token / 1e12)

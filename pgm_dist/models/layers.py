@@ -13,16 +13,22 @@ Rope = tuple[Tensor, Tensor]  # cos, sin: [B or 1, 1, L, head_dim] float32
 
 
 class Rotary(nn.Module):
-    """Rotary embeddings over the full head dim, half-split ("NeoX") layout."""
+    """Rotary embeddings over the full head dim, half-split ("NeoX") layout.
+
+    The frequencies are computed in float32 at every call rather than kept in a buffer:
+    ``model.to(torch.bfloat16)`` would round a floating buffer (up to 0.45 rad of angle
+    error at distance 1023 for head dim 64), and the model would see other positions
+    than it was trained with.
+    """
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.base = head_dim, base
 
     def forward(self, positions: Tensor) -> Rope:
-        """positions: [B, L] (or [1, L]) integer positions -> cos, sin [B, 1, L, head_dim]."""
-        angles = positions.float()[..., None] * self.inv_freq  # [B, L, D/2]
+        """positions: [B, L] (or [1, L]) integer positions -> cos, sin [B, 1, L, head_dim] float32."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device) / self.head_dim
+        angles = positions.float()[..., None] * self.base ** -exponents  # [B, L, D/2]
         angles = torch.cat([angles, angles], dim=-1)[:, None]
         return angles.cos(), angles.sin()
 
@@ -32,6 +38,17 @@ def apply_rotary(x: Tensor, rope: Rope) -> Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+def token_embedding(num_tokens: int, d_model: int) -> nn.Embedding:
+    """The reference's initialisation, uniform in +-1/sqrt(d) (std 1/sqrt(3 d)), not N(0, 1).
+
+    With adaLN-zero gates the residual stream starts as the embedding: at N(0, 1) it
+    would start ~50x larger than the blocks' updates can move at a normal learning rate.
+    """
+    embed = nn.Embedding(num_tokens, d_model)
+    nn.init.kaiming_uniform_(embed.weight, a=math.sqrt(5))
+    return embed
 
 
 def sinusoid(positions: Tensor, dim: int) -> Tensor:
@@ -156,5 +173,5 @@ def positions_like(tokens: Tensor) -> Tensor:
 
 __all__ = [
     "Block", "Conditioning", "MultiHeadAttention", "OutputLayer", "Rotary", "apply_rotary",
-    "modulate", "positions_like", "sinusoid",
+    "modulate", "positions_like", "sinusoid", "token_embedding",
 ]

@@ -6,14 +6,14 @@ from torch import Tensor, nn
 
 from pgm_dist.attention import AttentionMask
 from pgm_dist.config import ModelConfig
-from pgm_dist.models.layers import Block, Conditioning, OutputLayer, Rotary, positions_like
+from pgm_dist.models.layers import Block, Conditioning, OutputLayer, Rotary, positions_like, token_embedding
 
 
 class MDLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size + 1, config.d_model)  # + the MASK id
+        self.embed = token_embedding(config.vocab_size + 1, config.d_model)  # + the MASK id
         self.rotary = Rotary(config.head_dim, config.rope_base)
         self.cond = Conditioning(config)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_enc))

@@ -12,6 +12,7 @@ from pgm_dist.attention import AttentionMask
 from pgm_dist.config import ModelConfig
 from pgm_dist.models.layers import (
     Block, Conditioning, MultiHeadAttention, OutputLayer, Rope, Rotary, positions_like, sinusoid,
+    token_embedding,
 )
 
 
@@ -24,7 +25,9 @@ class GroupSwap(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.d_model = config.d_model
-        self.query_seed = nn.Parameter(0.02 * torch.randn(config.d_model))
+        # N(0, 1) like the reference's nn.Embedding(1, d) row: at init the seed, not the
+        # position (sinusoid entries are in [-1, 1]), dominates the query.
+        self.query_seed = nn.Parameter(torch.randn(config.d_model))
         self.norm = nn.LayerNorm(config.d_model)
         self.attn = MultiHeadAttention(config)
 
@@ -40,7 +43,7 @@ class PGM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed = token_embedding(config.vocab_size, config.d_model)
         self.rotary = Rotary(config.head_dim, config.rope_base)
         self.cond = Conditioning(config)
         self.encoder = nn.ModuleList(Block(config) for _ in range(config.n_enc))

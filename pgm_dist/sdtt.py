@@ -162,18 +162,17 @@ class SDTTObjective:
     start the teacher as a copy of the student.
     """
 
-    def __init__(self, teacher: nn.Module, config: SDTTConfig = SDTTConfig(),
-                 schedule: LogLinearSchedule = LogLinearSchedule()):
+    def __init__(self, teacher: nn.Module, config: SDTTConfig = SDTTConfig()):
         self.teacher = teacher.eval().requires_grad_(False)
-        self.config, self.schedule = config, schedule
+        self.config = config
         self.base = objective_for(teacher.config)  # validation NELBO: the pre-training one
-        self.round = 0  # 0-based
-        self.round_start_step = 0
+        self.schedule = self.base.schedule  # the masking and reveals of pre-training
+        self.round = 0  # 0-based: round r distils steps of size 2^r / start_steps
+        self.round_start_step = 0  # the optimizer step count at which the current round began
 
     @classmethod
-    def from_student(cls, student: nn.Module, config: SDTTConfig = SDTTConfig(),
-                     schedule: LogLinearSchedule = LogLinearSchedule()) -> "SDTTObjective":
-        return cls(copy.deepcopy(student), config, schedule)
+    def from_student(cls, student: nn.Module, config: SDTTConfig = SDTTConfig()) -> "SDTTObjective":
+        return cls(copy.deepcopy(student), config)
 
     @property
     def t_min(self) -> float:
@@ -185,13 +184,13 @@ class SDTTObjective:
         """The teacher's step size in the current round: ``2^round / start_steps``."""
         return 2**self.round / self.config.start_steps
 
-    def sampling_steps(self, round: int | None = None) -> int:
-        """The sampling steps of the student trained in ``round`` (default: the current one).
+    def sampling_steps(self, round_index: int | None = None) -> int:
+        """The sampling steps of the student trained in round ``round_index`` (default: the current one).
 
         It matches ``m`` teacher steps of size ``dt_r`` with one step, so it samples with
         steps of ``m dt_r``: ``start_steps / (m 2^r)`` (512, 256, ... from 1024 with m = 2).
         """
-        r = self.round if round is None else round
+        r = self.round if round_index is None else round_index
         return self.config.start_steps // (self.config.teacher_steps * 2**r)
 
     @property

@@ -64,11 +64,15 @@ def test_teacher_target_equals_slow_reference(preset):
     tokens = batch(teacher)
     schedule = LogLinearSchedule(EPS)
     masked = partition_groups(TIMES, tokens.shape[1], schedule, torch.Generator().manual_seed(1))
-    dt, steps = 0.25, 3  # t = 0.3 reaches the floor at the second step
-    target, source = teacher_target(teacher, noisy_input(tokens, masked, teacher.config), masked, TIMES, dt,
+    # Step times clamp at the floor: t = 0.3 at the second step; t = 1.5e-5 at once, which reveals
+    # 1/3 of its masked positions at step 0 and none at step 1 (t_min -> t_min).
+    t = torch.tensor([0.3, 1.5e-5, 0.8, 1.0])
+    dt, steps = 0.25, 3
+    target, source = teacher_target(teacher, noisy_input(tokens, masked, teacher.config), masked, t, dt,
                                     steps, schedule, T_MIN, torch.Generator().manual_seed(2))
-    expected_target, expected_source = slow_teacher_target(teacher, tokens, masked, TIMES, dt, steps,
+    expected_target, expected_source = slow_teacher_target(teacher, tokens, masked, t, dt, steps,
                                                            torch.Generator().manual_seed(2))
+    assert (source[1] == 0).any() and not (source[1] == 1).any()
     assert torch.equal(source, expected_source)
     for k in range(steps):  # every step's distribution is used somewhere
         assert (source == k).sum() >= 3
@@ -112,7 +116,7 @@ def test_loss_is_the_mean_divergence_over_masked_positions(preset, divergence):
     student = randomized_model(preset)
     teacher = randomized_model(preset, seed=1)
     config = SDTTConfig(start_steps=4, teacher_steps=2, min_steps=1, divergence=divergence)
-    objective = SDTTObjective(teacher, config, LogLinearSchedule(EPS))
+    objective = SDTTObjective(teacher, config)
     tokens = batch(student)
     loss = objective.loss(student, tokens, TIMES, torch.Generator().manual_seed(5))
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+TOKENS_DIR = "by_tokens"  # the token-axis event files, a folder (a TensorBoard run) inside the step axis's
+TOKENS_PREFIX = "by_tokens/"  # its tags: ``by_tokens/train/loss`` beside the step axis's ``train/loss``
+
 
 class NullWriter:
     """What ranks other than 0 hold, so the loop needs no ``if rank == 0``."""
@@ -19,31 +22,45 @@ class NullWriter:
 
 
 class TensorBoardWriter(NullWriter):
-    """Scalars against the optimizer step, and again under ``by_tokens/`` against tokens seen
-    (which survives a change of world size). ``purge_step`` drops events a crashed run wrote
-    past its last checkpoint, so resumed curves do not fold back."""
+    """Scalars against the optimizer step in ``log_dir``, and again against tokens seen (which
+    survives a change of world size or global batch) under ``by_tokens/`` tags in
+    ``log_dir/by_tokens``.
 
-    def __init__(self, log_dir: Path, purge_step: int | None = None):
+    A resumed run drops the events a crashed run wrote past its checkpoint, so curves do not
+    fold back: TensorBoard's purge (``purge_step``) removes every event of an event-file folder
+    at or past a value *whatever its tag*, so each x-axis has its own folder and its own purge
+    value (``resumed_step + 1`` and ``resumed_tokens + 1``); one folder would lose the whole
+    token axis (token counts exceed any step) at every resume.
+    """
+
+    def __init__(self, log_dir: Path, resumed_step: int = 0, resumed_tokens: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        resumed = resumed_step > 0
+        self.by_step = SummaryWriter(log_dir=str(self.log_dir), purge_step=resumed_step + 1 if resumed else None)
+        self.by_tokens = SummaryWriter(log_dir=str(self.log_dir / TOKENS_DIR),
+                                       purge_step=resumed_tokens + 1 if resumed else None)
 
     def scalars(self, values: dict, step: int, tokens: int) -> None:
         for tag, value in values.items():
             if value is None or not math.isfinite(value):
                 continue
-            self.writer.add_scalar(tag, value, step)
-            self.writer.add_scalar(f"by_tokens/{tag}", value, tokens)
-        self.writer.flush()
+            self.by_step.add_scalar(tag, value, step)
+            self.by_tokens.add_scalar(TOKENS_PREFIX + tag, value, tokens)
+        self.by_step.flush()
+        self.by_tokens.flush()
 
     def text(self, tag: str, text: str, step: int) -> None:
-        self.writer.add_text(tag, text, step)
-        self.writer.flush()
+        self.by_step.add_text(tag, text, step)
+        self.by_step.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        self.by_step.close()
+        self.by_tokens.close()
 
 
-def make_writer(is_main: bool, log_dir: Path, purge_step: int | None = None) -> NullWriter:
-    return TensorBoardWriter(log_dir, purge_step) if is_main else NullWriter()
+def make_writer(is_main: bool, log_dir: Path, resumed_step: int = 0, resumed_tokens: int = 0) -> NullWriter:
+    """``resumed_step`` / ``resumed_tokens``: where the checkpoint a run resumed from stands
+    (0 for a fresh run); events past them are dropped on each axis."""
+    return TensorBoardWriter(log_dir, resumed_step, resumed_tokens) if is_main else NullWriter()

@@ -158,7 +158,7 @@ def run(setup: Setup) -> str:
         state.restarts += 1
         if env.is_main:
             print(f"resumed from {setup.resume_from} at step {state.step}")
-    parts.writer = make_writer(env.is_main, setup.out / "tb", purge_step=state.step + 1 if state.step else None)
+    parts.writer = make_writer(env.is_main, setup.out / "tb", state.step, state.tokens_seen)
     if env.is_main:
         setup.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(setup.out / "config.json", {

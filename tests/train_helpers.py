@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pgm_dist.metrics import TOKENS_DIR
+
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
@@ -39,11 +41,21 @@ def run_train(args: list[str], *, ranks: int | None = None, env: dict | None = N
     return done
 
 
+def scalar_events(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar event TensorBoard's reader keeps (after its purges), in file order:
+    {tag: [(step, value), ...]}, the step axis of ``log_dir`` and the ``by_tokens/`` tags of
+    ``log_dir/by_tokens`` (whose "steps" are tokens seen)."""
+    events = {}
+    for folder in (log_dir, log_dir / TOKENS_DIR):
+        acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        events.update({tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]})
+    return events
+
+
 def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
-    """Every scalar tag of a TensorBoard folder: {tag: {step: value}} (later events win)."""
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    """Every scalar tag of a run's TensorBoard folder, both axes: {tag: {step: value}} (later events win)."""
+    return {tag: dict(events) for tag, events in scalar_events(log_dir).items()}
 
 
 def text_tags(log_dir: Path) -> list[str]:

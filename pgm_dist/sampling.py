@@ -75,8 +75,8 @@ def _initial_state(config, batch_size: int, prompt: Prompt | None, device) -> tu
     tokens[:, 0], known[:, 0] = config.bos_id, True
     for b, pairs in enumerate(_parse_prompt(prompt, batch_size)):
         for position, token in pairs:
-            if not 0 <= position < L:
-                raise ValueError(f"prompt position {position} is outside [0, {L})")
+            if not 1 <= position < L:
+                raise ValueError(f"prompt position {position} is outside [1, {L}): position 0 holds BOS")
             if not 0 <= token < config.vocab_size:
                 raise ValueError(f"prompt token {token} is outside the vocabulary [0, {config.vocab_size})")
             tokens[b, position], known[b, position] = token, True
@@ -159,14 +159,21 @@ def sample_pgm(model, batch_size: int, steps: int, *, mode: str = "uniform", pro
 @torch.no_grad()
 def sample_mdlm(model, batch_size: int, steps: int, *, temperature: float = 1.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None, labels: Tensor | None = None) -> Tensor:
-    """Ancestral MDLM sampling from all-MASK, reusing the logits of steps that reveal nothing."""
+    """Ancestral MDLM sampling from BOS at position 0 and MASK elsewhere: ``LongTensor[B, L]``.
+
+    Which positions a step reveals does not depend on the logits, so it is drawn first
+    and the network runs only for steps that reveal something: one forward pass per
+    such step. This is the reference's "reuse the logits when a step reveals nothing"
+    (its network input is unchanged until a step reveals a token), without the pass
+    it computes before its first reveal.
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     config, schedule = model.config, LogLinearSchedule()
     device = _device(model)
     with _eval_mode(model):
         x = torch.full((batch_size, config.seq_len), config.mask_id, dtype=torch.long, device=device)
-        logits = None
+        x[:, 0] = config.bos_id
         for step in range(steps):
             masked = x == config.mask_id
             if step == steps - 1:
@@ -174,12 +181,8 @@ def sample_mdlm(model, batch_size: int, steps: int, *, temperature: float = 1.0,
             else:
                 p = schedule.reveal_probability(1 - step / steps, 1 - (step + 1) / steps)
                 reveal = masked & (torch.rand(x.shape, generator=generator, device=device) < p)
-            if not reveal.any():
-                continue
-            if logits is None:
-                logits = model(x, labels=labels)
-            x[reveal] = sample_categorical(logits[reveal], generator, temperature, top_p)
-            logits = None
+            if reveal.any():
+                x[reveal] = sample_categorical(model(x, labels=labels)[reveal], generator, temperature, top_p)
     return x
 
 

@@ -25,8 +25,9 @@ class GroupSwap(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.d_model = config.d_model
-        # N(0, 1) like the reference's nn.Embedding(1, d) row: at init the seed, not the
-        # position (sinusoid entries are in [-1, 1]), dominates the query.
+        # N(0, 1) like the reference's nn.Embedding(1, d) row: at init the seed weighs on the
+        # query as much as the position does (sinusoid entries are in [-1, 1]); at 0.02 the
+        # query would start as the position alone.
         self.query_seed = nn.Parameter(torch.randn(config.d_model))
         self.norm = nn.LayerNorm(config.d_model)
         self.attn = MultiHeadAttention(config)

@@ -6,9 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pgm_dist.data import builder
 from pgm_dist.data.__main__ import main as data_cli
 from pgm_dist.data.builder import BuildSettings, build
 from pgm_dist.data.documents import default_corpus_paths, list_files, read_documents
+from pgm_dist.data.loader import TrainLoader
 from pgm_dist.data.shards import DataError, DataFolder, DatasetMeta, expand_sources, iter_shard
 from pgm_dist.data.tokenizer import Tokenizer
 
@@ -107,15 +109,110 @@ def test_validation_split_and_existing_tokenizer(built, tmp_path):
     assert split.val.shards >= 1
 
 
-def test_half_written_output_never_looks_finished(built, tmp_path):
-    tmp, _, _, settings = built
-    out = tmp_path / "partial"
-    out.mkdir()
-    (out / "train-000000.tar.tmp").write_bytes(b"half a tar")
-    with pytest.raises(DataError, match="no shard matches"):
-        expand_sources(str(out / "train-*.tar"))
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    """What a build leaves: shards, metadata and tokenizer, by file name."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "tokenizer.stamp"}
+
+
+def test_interrupted_build_is_never_finished_and_a_rerun_equals_a_clean_build(built, tmp_path, monkeypatch):
+    tmp, _, _, _ = built
+    settings = BuildSettings(seq_len=L, val_fraction=0.0, samples_per_shard=2, workers=1,
+                             tokenizer=tmp / "out" / "tokenizer.model")
+    clean = build(tmp_path / "clean", [tmp / "docs"], settings, progress=False, log=lambda *_: None)
+    assert clean.train.shards > 3
+    real_write_shard = builder.write_shard
+
+    def crash_after_two_shards(path, samples):
+        """The third shard dies half-written (``write_shard`` names a partial shard ``.tmp``)."""
+        if len(list(path.parent.glob("train-*.tar"))) == 2:
+            path.with_name(path.name + ".tmp").write_bytes(b"half a tar")
+            raise OSError("No space left on device")
+        return real_write_shard(path, samples)
+
+    out = tmp_path / "interrupted"
+    monkeypatch.setattr(builder, "write_shard", crash_after_two_shards)
+    with pytest.raises(OSError, match="No space left"):
+        build(out, [tmp / "docs"], settings, progress=False, log=lambda *_: None)
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.glob("*.tar*")) == ["train-000000.tar", "train-000001.tar",
+                                                           "train-000002.tar.tmp"]
+    assert not (out / "meta.json").exists()
     with pytest.raises(DataError, match="not a finished data folder"):
         DataFolder.open(out)
+    lines = []
+    assert build(out, [tmp / "docs"], settings, progress=False, log=lines.append) == clean
+    assert not any("up to date" in line for line in lines)
+    assert _folder_bytes(out) == _folder_bytes(tmp_path / "clean")
+
+
+def test_rebuild_from_other_inputs_deletes_stale_shards(built, tmp_path):
+    tmp, _, _, _ = built
+    settings = BuildSettings(seq_len=L, val_fraction=0.3, samples_per_shard=2, workers=1,
+                             tokenizer=tmp / "out" / "tokenizer.model")
+    fewer_docs = [tmp / "docs" / "d.jsonl"]
+    before = build(tmp_path / "folder", [tmp / "docs"], settings, progress=False, log=lambda *_: None)
+    lines = []
+    after = build(tmp_path / "folder", fewer_docs, settings, progress=False, log=lines.append)
+    assert any("rebuilding" in line for line in lines)
+    assert after.train.shards < before.train.shards and after.val.shards < before.val.shards
+    reference = build(tmp_path / "reference", fewer_docs, settings, progress=False, log=lambda *_: None)
+    assert after == reference
+    assert _folder_bytes(tmp_path / "folder") == _folder_bytes(tmp_path / "reference")
+
+
+def test_small_corpus_gets_a_smaller_automatic_shard_size(tmp_path, monkeypatch):
+    """~300 KB of text fills less than one default shard (1024 blocks of 256 tokens); without
+    --samples-per-shard the builder cuts the same blocks into at least 64 shards and says so."""
+    rng = np.random.default_rng(1)
+    words = [f"w{i}" for i in range(300)] + ["the", "of", "and", "a", "to"]
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words, size=200))}) for _ in range(300)))
+    assert 250_000 < docs.stat().st_size < 500_000
+    lines = []
+    auto = build(tmp_path / "auto", [docs], BuildSettings(vocab_size=400, val_fraction=0.05, workers=1),
+                 progress=False, log=lines.append)
+    tokenizer = tmp_path / "auto" / "tokenizer.model"
+    everything = build(tmp_path / "all", [docs], BuildSettings(val_fraction=0.05, samples_per_shard=1,
+                                                              workers=1, tokenizer=tokenizer),
+                       progress=False, log=lambda *_: None)
+    train_blocks = everything.train.samples  # one block per shard: nothing dropped
+    assert 64 < train_blocks < 1024
+    per_shard = train_blocks // 64
+    assert auto.samples_per_shard == per_shard and auto.train.shards == train_blocks // per_shard >= 64
+    assert auto.samples_per_shard_reason.startswith("automatic") and f"{train_blocks} train blocks" in lines[-2]
+    assert json.loads((tmp_path / "auto" / "meta.json").read_text())["samples_per_shard"] == per_shard
+    assert auto.dropped_blocks == train_blocks % per_shard
+    blocks = _blocks(tmp_path / "auto", "train")
+    assert len(blocks) == auto.train.shards * per_shard
+    assert np.array_equal(np.stack(blocks), np.stack(_blocks(tmp_path / "all", "train")[:len(blocks)]))
+    assert np.array_equal(np.stack(_blocks(tmp_path / "auto", "val")), np.stack(_blocks(tmp_path / "all", "val")))
+    TrainLoader(str(tmp_path / "auto" / "train-*.tar"), seq_len=256, micro_batch=2, rank=1, world_size=8,
+                num_workers=8, samples_per_shard=per_shard)  # 64 shards: enough for 8 ranks x 8 workers
+
+    # A corpus that fills 64 default shards keeps the default size (decided while streaming;
+    # a default of 4 blocks makes this corpus "big").
+    monkeypatch.setattr(builder, "DEFAULT_SAMPLES_PER_SHARD", 4)
+    big = build(tmp_path / "big", [docs], BuildSettings(val_fraction=0.05, workers=1, tokenizer=tokenizer),
+                progress=False, log=lambda *_: None)
+    assert big.samples_per_shard == 4 and big.samples_per_shard_reason == "default"
+    assert big.train.shards == train_blocks // 4 and big.val.shards == -(-everything.val.samples // 4)
+    for split in ("train", "val"):
+        blocks = _blocks(tmp_path / "big", split)
+        assert np.array_equal(np.stack(blocks), np.stack(_blocks(tmp_path / "all", split)[:len(blocks)]))
+    monkeypatch.undo()
+
+    # An explicit size is honoured: 1024 fails clearly (below one shard), a third of the blocks
+    # gives 3 shards, which the loader refuses for 2 ranks x 2 workers.
+    with pytest.raises(ValueError, match="fewer than 1024 blocks of 256 tokens: not one train shard"):
+        build(tmp_path / "explicit", [docs], BuildSettings(val_fraction=0.05, workers=1,
+                                                          samples_per_shard=1024, tokenizer=tokenizer),
+              progress=False, log=lambda *_: None)
+    few = build(tmp_path / "few", [docs], BuildSettings(val_fraction=0.05, workers=1,
+                                                        samples_per_shard=train_blocks // 3, tokenizer=tokenizer),
+                progress=False, log=lambda *_: None)
+    assert few.train.shards == 3 and few.samples_per_shard_reason == "--samples-per-shard"
+    with pytest.raises(DataError, match="3 shards for 2 ranks x 2 loader workers: at least 4 are needed"):
+        TrainLoader(str(tmp_path / "few" / "train-*.tar"), seq_len=256, micro_batch=2, world_size=2, num_workers=2)
 
 
 def test_data_folder_checks(built, tmp_path):

@@ -5,14 +5,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from pgm_dist.data.builder import BuildSettings, build
+from pgm_dist.cli import HelpFormatter
+from pgm_dist.data.builder import AUTO_MIN_TRAIN_SHARDS, DEFAULT_SAMPLES_PER_SHARD, BuildSettings, build
 
 
 def main(argv=None) -> int:
     defaults = BuildSettings()
-    parser = argparse.ArgumentParser(prog="python -m pgm_dist.data", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pgm_dist.data", description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    b = commands.add_parser("build", help="tokenize documents into shards (default input: the Python stdlib)")
+    b = commands.add_parser("build", help="tokenize documents into shards (default input: the Python stdlib)",
+                            description="Tokenize documents into shards.", formatter_class=HelpFormatter)
     b.add_argument("--out", type=Path, required=True, help="output folder (e.g. data_shards/mycorpus)")
     b.add_argument("--input", type=Path, nargs="+", action="extend", default=None,
                    help="files or folders of .txt/.md/.py/.jsonl documents, optionally .gz "
@@ -21,7 +23,10 @@ def main(argv=None) -> int:
     b.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per block, BOS and EOS included")
     b.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
                    help="fraction of documents held out for validation")
-    b.add_argument("--samples-per-shard", type=int, default=defaults.samples_per_shard, help="blocks per shard")
+    b.add_argument("--samples-per-shard", type=int, default=None,
+                   help=f"blocks per shard (default: {DEFAULT_SAMPLES_PER_SHARD}, or train blocks // "
+                        f"{AUTO_MIN_TRAIN_SHARDS} for a corpus that would fill fewer than {AUTO_MIN_TRAIN_SHARDS} "
+                        "train shards, so that it splits over that many ranks x loader workers)")
     b.add_argument("--tokenizer", type=Path, default=None,
                    help="an existing sentencepiece .model to use instead of training one")
     b.add_argument("--model-type", choices=("bpe", "unigram"), default=defaults.model_type,

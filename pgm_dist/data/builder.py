@@ -3,7 +3,10 @@
 Documents are joined with EOS and cut into blocks; a held-out validation split is
 chosen per document (by a hash of its text, so duplicates never straddle splits).
 Train shards all hold exactly ``samples_per_shard`` blocks (the remainder is dropped
-and counted); the last validation shard may be smaller. ``meta.json`` is written last:
+and counted); the last validation shard may be smaller. An explicit ``samples_per_shard``
+is honoured; without one (None) it is 1024, or less for a corpus that would fill fewer
+than 64 train shards of 1024: then ``train blocks // 64``, so that a small corpus still
+splits over 64 ranks x loader workers. ``meta.json`` is written last:
 a folder without it is not finished, and a re-run with the same inputs and settings
 finds it and reuses everything.
 """
@@ -30,6 +33,8 @@ from pgm_dist.data.tokenizer import SPECIAL_IDS, Tokenizer, file_sha256, train_t
 TOKENIZER_STAMP = "tokenizer.stamp"
 DOCS_PER_TASK = 64
 TASKS_PER_ROUND = 64  # bounds the documents held in memory
+DEFAULT_SAMPLES_PER_SHARD = 1024
+AUTO_MIN_TRAIN_SHARDS = 64  # what the automatic shard size aims for (ranks x loader workers a corpus feeds)
 
 
 @dataclass
@@ -37,7 +42,7 @@ class BuildSettings:
     vocab_size: int = 8192
     seq_len: int = 256
     val_fraction: float = 0.01
-    samples_per_shard: int = 1024
+    samples_per_shard: int | None = None  # None: automatic (see the module docstring)
     tokenizer: Path | None = None  # an existing sentencepiece model instead of training one
     workers: int = 2
     model_type: str = "bpe"
@@ -47,7 +52,7 @@ class BuildSettings:
             raise ValueError(f"--seq-len must be at least 3 (BOS + a token + EOS), got {self.seq_len}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.samples_per_shard < 1 or self.workers < 1:
+        if (self.samples_per_shard is not None and self.samples_per_shard < 1) or self.workers < 1:
             raise ValueError("--samples-per-shard and --workers must be at least 1")
         if self.tokenizer is not None and not Path(self.tokenizer).is_file():
             raise FileNotFoundError(f"tokenizer {self.tokenizer} does not exist")
@@ -94,9 +99,10 @@ class BlockPacker:
 
 
 class ShardSink:
-    """Collects blocks of one split and writes ``{split}-{index:06d}.tar`` shards."""
+    """Collects blocks of one split and writes ``{split}-{index:06d}.tar`` shards; with
+    ``per_shard=None`` it holds every block until :meth:`set_shard_size`."""
 
-    def __init__(self, out: Path, split: str, per_shard: int):
+    def __init__(self, out: Path, split: str, per_shard: int | None):
         self.out, self.split, self.per_shard = out, split, per_shard
         self.blocks: list[np.ndarray] = []
         self.info = SplitInfo()
@@ -104,22 +110,28 @@ class ShardSink:
     def add(self, block: np.ndarray) -> None:
         self.blocks.append(block)
         if len(self.blocks) == self.per_shard:
-            self._flush()
+            self._flush(self.per_shard)
 
-    def _flush(self) -> None:
+    def set_shard_size(self, per_shard: int) -> None:
+        self.per_shard = per_shard
+        while len(self.blocks) >= per_shard:
+            self._flush(per_shard)
+
+    def _flush(self, count: int) -> None:
+        """Write the first ``count`` held blocks as the next shard."""
+        blocks, self.blocks = self.blocks[:count], self.blocks[count:]
         first = self.info.samples
         path = self.out / f"{self.split}-{self.info.shards:06d}.tar"
-        write_shard(path, ((f"{self.split}-{first + i:09d}", b) for i, b in enumerate(self.blocks)))
+        write_shard(path, ((f"{self.split}-{first + i:09d}", b) for i, b in enumerate(blocks)))
         self.info.shards += 1
-        self.info.samples += len(self.blocks)
-        self.info.tokens += sum(len(b) for b in self.blocks)
-        self.blocks = []
+        self.info.samples += len(blocks)
+        self.info.tokens += sum(len(b) for b in blocks)
 
     def close(self, keep_partial: bool) -> int:
         """Write or drop the last incomplete shard; returns the number of dropped blocks."""
         dropped = 0
         if self.blocks and keep_partial:
-            self._flush()
+            self._flush(len(self.blocks))
         else:
             dropped = len(self.blocks)
         self.blocks = []
@@ -209,6 +221,9 @@ def build(out: Path, inputs: list[Path] | None = None, settings: BuildSettings |
     dtype = token_dtype(tokenizer.vocab_size)
     packers = {s: BlockPacker(settings.seq_len, tokenizer.bos_id, tokenizer.eos_id, dtype) for s in ("train", "val")}
     sinks = {s: ShardSink(out, s, settings.samples_per_shard) for s in ("train", "val")}
+    # Automatic size: hold the blocks until the corpus proves big enough for the default size
+    # (at most AUTO_MIN_TRAIN_SHARDS default shards in memory) or ends (then a smaller size).
+    auto_until = None if settings.samples_per_shard else AUTO_MIN_TRAIN_SHARDS * DEFAULT_SAMPLES_PER_SHARD
 
     pool = mp.get_context("spawn").Pool(settings.workers, _init_worker, (str(tokenizer.path),)) \
         if settings.workers > 1 else None
@@ -220,6 +235,10 @@ def build(out: Path, inputs: list[Path] | None = None, settings: BuildSettings |
                 sinks[split].info.documents += 1
                 for block in packers[split].add(np.asarray(ids, dtype=np.int64)):
                     sinks[split].add(block)
+                if auto_until is not None and len(sinks["train"].blocks) >= auto_until:
+                    auto_until = None
+                    for sink in sinks.values():
+                        sink.set_shard_size(DEFAULT_SAMPLES_PER_SHARD)
             bar.update(len(docs))
             bar.set_postfix(train_shards=sinks["train"].info.shards, val_shards=sinks["val"].info.shards)
     finally:
@@ -227,20 +246,33 @@ def build(out: Path, inputs: list[Path] | None = None, settings: BuildSettings |
         if pool is not None:
             pool.close()
             pool.join()
+    if settings.samples_per_shard:
+        per_shard, reason = settings.samples_per_shard, "--samples-per-shard"
+    elif auto_until is None:
+        per_shard, reason = DEFAULT_SAMPLES_PER_SHARD, "default"
+    else:
+        blocks = len(sinks["train"].blocks)
+        per_shard = max(1, blocks // AUTO_MIN_TRAIN_SHARDS)
+        reason = (f"automatic: the corpus gives {blocks} train blocks, fewer than {AUTO_MIN_TRAIN_SHARDS} "
+                  f"shards of {DEFAULT_SAMPLES_PER_SHARD}")
+        log(f"{reason}; writing shards of {per_shard} blocks instead")
+        for sink in sinks.values():
+            sink.set_shard_size(per_shard)
     dropped = sinks["train"].close(keep_partial=False) + sinks["val"].close(keep_partial=True)
     if sinks["train"].info.shards == 0:
-        raise ValueError(f"the inputs give fewer than {settings.samples_per_shard} blocks of {settings.seq_len} "
+        raise ValueError(f"the inputs give fewer than {per_shard} blocks of {settings.seq_len} "
                          "tokens: not one train shard; lower --samples-per-shard or --seq-len")
 
     meta = DatasetMeta(
         vocab_size=tokenizer.vocab_size, seq_len=settings.seq_len, dtype=dtype.name,
         special_ids={"unk": SPECIAL_IDS["unk"], "bos": tokenizer.bos_id, "eos": tokenizer.eos_id,
                      "pad": tokenizer.pad_id},
-        samples_per_shard=settings.samples_per_shard, train=sinks["train"].info, val=sinks["val"].info,
+        samples_per_shard=per_shard, samples_per_shard_reason=reason, train=sinks["train"].info,
+        val=sinks["val"].info,
         dropped_blocks=dropped, tokenizer_sha256=tokenizer.sha256, sources=_sources_checksums(inputs, files),
         settings_fingerprint=fingerprint,
     )
     write_json_atomic(out / META_FILE, meta.to_dict())
-    log(f"wrote {meta.train.shards} train shards ({meta.train.tokens:,} tokens) and {meta.val.shards} val "
-        f"shards ({meta.val.tokens:,} tokens) to {out}; {dropped} trailing blocks dropped")
+    log(f"wrote {meta.train.shards} train shards of {per_shard} blocks ({meta.train.tokens:,} tokens) and "
+        f"{meta.val.shards} val shards ({meta.val.tokens:,} tokens) to {out}; {dropped} trailing blocks dropped")
     return meta

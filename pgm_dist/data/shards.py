@@ -113,6 +113,7 @@ class DatasetMeta:
     special_ids: dict
     dtype: str
     samples_per_shard: int
+    samples_per_shard_reason: str = ""  # "--samples-per-shard", "default" or "automatic: ..." (the builder's rule)
     train: SplitInfo = field(default_factory=SplitInfo)
     val: SplitInfo = field(default_factory=SplitInfo)
     dropped_blocks: int = 0

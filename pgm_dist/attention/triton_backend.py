@@ -1,7 +1,8 @@
 """Triton backend: fused partition attention that computes only the allowed tiles.
 
 Used for ``same_group`` and ``cross_group`` masks; ``full`` masks (MDLM, the PGM
-sampling path) have no partition inside and go to SDPA (its flash path on a GPU).
+sampling path) have no partition inside and go to the ``reference`` backend: SDPA, on
+its flash path on a GPU only without key lengths (a dense mask rules flash out).
 Runs compiled on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (slow, exact
 semantics: how the kernels are tested without a GPU).
 """

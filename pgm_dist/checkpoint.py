@@ -54,9 +54,15 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def find_resume_checkpoint(resume: str, root: Path) -> Path | None:
-    """``never`` -> None; ``auto`` -> the latest complete checkpoint under ``root`` (or None);
-    a path -> that checkpoint, or the latest complete one below it."""
+    """``never`` -> None (``root`` must hold no complete checkpoint); ``auto`` -> the latest
+    complete checkpoint under ``root`` (or None); a path -> that checkpoint, or the latest
+    complete one below it."""
     if resume == "never":
+        if complete_checkpoints(root):
+            # Pruning keeps the highest steps: the earlier run's checkpoints would survive and this
+            # run's be deleted, and a later --resume auto would continue the earlier run.
+            raise ConfigError(f"--resume never, but {root} holds checkpoints of an earlier run; "
+                              "pass another --out, or delete them to start over")
         return None
     if resume == "auto":
         done = complete_checkpoints(root)

@@ -117,7 +117,9 @@ def test_resume_resolution(tmp_path):
             (root / f"step_{step:08d}" / MARKER).write_text("")
     assert [p.name for p in complete_checkpoints(root)] == ["step_00000003", "step_00000006"]
     assert find_resume_checkpoint("auto", root).name == "step_00000006"
-    assert find_resume_checkpoint("never", root) is None
+    with pytest.raises(ConfigError, match="--resume never, but .* holds checkpoints of an earlier run"):
+        find_resume_checkpoint("never", root)
+    assert find_resume_checkpoint("never", tmp_path / "none") is None
     assert find_resume_checkpoint(str(tmp_path), root).name == "step_00000006"
     assert find_resume_checkpoint(str(root / "step_00000003"), root).name == "step_00000003"
     with pytest.raises(ConfigError, match="not a complete checkpoint"):

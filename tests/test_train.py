@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from pgm_dist.data.builder import BuildSettings, build
 from pgm_dist.data.documents import default_corpus_paths
+from pgm_dist.engine import lr_lambda
+from pgm_dist.train_config import TrainConfig
 from tests.train_helpers import REPO, module_weights, run_train, scalars, text_tags
 
 SHORT = ["--eval-batches", "2", "--sample-steps", "4", "--num-samples", "2", "--micro-batch", "4"]
@@ -107,31 +109,91 @@ def test_exact_resume_two_ranks_zero2_fp32(data, tmp_path):
     for step in range(5, 9):
         assert split["train/loss"][step] == pytest.approx(straight["train/loss"][step], abs=1e-5)
     assert split["run/restarts"][8] == 1
-    a = module_weights(tmp_path / "straight" / "checkpoints" / "step_00000008")
-    b = module_weights(tmp_path / "split" / "checkpoints" / "step_00000008")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+    # The end-of-run evaluation uses the EMA weights: restoring the EMA is what makes these equal.
+    assert split["val/nelbo"][8] == pytest.approx(straight["val/nelbo"][8], abs=1e-5)
+    for read in (module_weights, lambda ckpt: load_file(str(ckpt / "ema.safetensors"))):
+        a = read(tmp_path / "straight" / "checkpoints" / "step_00000008")
+        b = read(tmp_path / "split" / "checkpoints" / "step_00000008")
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+def zero_optimizer_state(checkpoint) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """A ZeRO-1/2 checkpoint's fp32 weights and Adam moments, put together from every rank's flat
+    partition: ({"fp32" | "exp_avg" | "exp_avg_sq": {name: tensor}}, Adam's step count). One
+    parameter group, flattened in ``param_shapes`` order; only the last partition is padded."""
+    shapes = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)["param_shapes"]
+    assert len(shapes) == 1
+    files = sorted(checkpoint.glob("zero_pp_rank_*_optim_states.pt"),
+                   key=lambda f: int(re.match(r"zero_pp_rank_(\d+)_", f.name).group(1)))
+    flat, steps = {"fp32": [], "exp_avg": [], "exp_avg_sq": []}, set()
+    for file in files:
+        shard = torch.load(file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        fp32 = shard["single_partition_of_fp32_groups"][0]  # saved without the padding
+        adam = shard["base_optimizer_state"]["state"][0]
+        flat["fp32"].append(fp32)
+        for key in ("exp_avg", "exp_avg_sq"):
+            flat[key].append(adam[key][:fp32.numel()])
+        steps.add(int(adam["step"]))
+    assert len(steps) == 1
+    state = {}
+    for key, parts in flat.items():
+        vector, offset, state[key] = torch.cat(parts), 0, {}
+        for name, shape in shapes[0].items():
+            state[key][name] = vector[offset:offset + shape.numel()].view(shape)
+            offset += shape.numel()
+        assert offset == vector.numel()
+    return state, steps.pop()
 
 
 @pytest.mark.parametrize("before,after", [(("zero2", 2), ("zero2", 1)), (("zero1", 2), ("zero2", 2))])
 def test_elastic_resume_through_universal_checkpoint(data, tmp_path, before, after):
+    """Another world size or ZeRO stage resumes through DeepSpeed's universal checkpoint. The
+    conversion must keep the fp32 weights and Adam's moments exactly, and the resumed engine must
+    hold them, Adam's step count, the schedule and the EMA: its first step (13) is checked against
+    one AdamW step from the step-12 state, in closed form."""
     common = ["--data", str(data), "--out", str(tmp_path), "--log-every", "1", "--eval-every", "0",
               "--global-batch", "8", *SHORT]
     run_train([*common, "--ds_config", f"ds_configs/{before[0]}.json", "--max-steps", "12", "--ckpt-every", "12"],
               ranks=before[1])
-    saved = module_weights(tmp_path / "checkpoints" / "step_00000012")
-    resumed = run_train([*common, "--ds_config", f"ds_configs/{after[0]}.json", "--max-steps", "15"],
+    resumed = run_train([*common, "--ds_config", f"ds_configs/{after[0]}.json", "--max-steps", "13"],
                         ranks=after[1] if after[1] > 1 else None)
     assert "resumed from" in resumed.stdout
-    assert (tmp_path / "checkpoints" / "step_00000012_universal" / "UNIVERSAL_COMPLETE").is_file()
-    loss = scalars(tmp_path / "tb")["train/loss"]
-    before_loss = sum(loss[s] for s in (10, 11, 12)) / 3
-    after_loss = sum(loss[s] for s in (13, 14, 15)) / 3
-    # Training goes on from where it was (still improving), not from a fresh model's loss.
-    assert after_loss < before_loss + 0.2 and after_loss < loss[1] - 0.5, (loss[1], before_loss, after_loss)
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["world_size"] == after[1]
-    assert len(saved) == len(module_weights(tmp_path / "checkpoints" / "step_00000015"))
+    ckpts = tmp_path / "checkpoints"
+    universal = ckpts / "step_00000012_universal"
+    assert (universal / "UNIVERSAL_COMPLETE").is_file()
+    assert json.loads((tmp_path / "config.json").read_text())["world_size"] == after[1]
+
+    old, old_step = zero_optimizer_state(ckpts / "step_00000012")
+    new, new_step = zero_optimizer_state(ckpts / "step_00000013")
+    raw12, raw13 = module_weights(ckpts / "step_00000012"), module_weights(ckpts / "step_00000013")
+    assert old.keys() == new.keys() and old["fp32"].keys() == raw12.keys()
+    for name in raw12:
+        assert torch.equal(old["fp32"][name], raw12[name]) and torch.equal(new["fp32"][name], raw13[name])
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):  # what the conversion wrote for the new layout
+            assert torch.equal(torch.load(universal / "zero" / name / f"{key}.pt", weights_only=False)["param"],
+                               old[key][name]), (key, name)
+    assert (old_step, new_step) == (12, 13)
+
+    cfg = TrainConfig(max_steps=13)  # the run's schedule: the defaults (warm-up over 50 steps)
+    lr = scalars(tmp_path / "tb")["train/lr"]
+    assert lr[13] == pytest.approx(cfg.lr * lr_lambda(cfg)(13), rel=1e-6)  # float32; logged after step 13's update
+    step_lr = cfg.lr * lr_lambda(cfg)(12)  # the rate step 13 used
+    b1, b2, eps = cfg.beta1, cfg.beta2, 1e-8
+    ema12 = load_file(str(ckpts / "step_00000012" / "ema.safetensors"))
+    ema13 = load_file(str(ckpts / "step_00000013" / "ema.safetensors"))
+    ema_weight = 1 - min(cfg.ema_decay, (1 + 12) / (10 + 12))  # the 13th EMA update
+    for name in raw12:
+        m12, v12, w12 = (old[k][name].double() for k in ("exp_avg", "exp_avg_sq", "fp32"))
+        m13, v13, w13 = (new[k][name].double() for k in ("exp_avg", "exp_avg_sq", "fp32"))
+        grad = (m13 - b1 * m12) / (1 - b1)  # the (clipped) gradient of step 13
+        torch.testing.assert_close(v13, b2 * v12 + (1 - b2) * grad**2, rtol=1e-4, atol=1e-20)
+        denom = (v13 / (1 - b2**13)).sqrt() + eps
+        torch.testing.assert_close(w13, w12 - step_lr / (1 - b1**13) * m13 / denom, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ema13[name], ema12[name] + ema_weight * (raw13[name] - ema12[name]),
+                                   rtol=0, atol=1e-6)
 
 
 def test_kill_during_checkpoint_save_resumes_from_previous_complete_one(data, tmp_path):
@@ -163,6 +225,8 @@ def test_user_errors_are_clear_and_raised_before_distributed_work(data, pulse_ru
     other = tmp_path / "other_data"
     build(other, small_corpus, BuildSettings(vocab_size=400, seq_len=32, samples_per_shard=16), progress=False,
           log=lambda *_: None)
+    assert "holds checkpoints of an earlier run" in _error(["--data", str(data), "--out", str(pulse_runs[1]),
+                                                            "--resume", "never"], tmp_path)
     message = _error(["--data", str(other), "--out", str(pulse_runs[1])], tmp_path)
     assert "tokenizer of the data" in message and "does not match" in message
     same_tokenizer = tmp_path / "longer"
@@ -211,3 +275,67 @@ def test_preemption_signal_saves_at_the_next_step_and_resume_continues(data, tmp
     resumed = run_train(args[2:] + ["--max-steps", str(stopped + 2)], launcher=False)
     assert f"at step {stopped}" in resumed.stdout and f"finished at step {stopped + 2}" in resumed.stdout
     assert scalars(tmp_path / "tb")["run/restarts"][stopped + 2] == 1
+
+
+def test_sigterm_to_the_process_group_then_resume_from_a_path_with_cosine_offload_mdlm(data, tmp_path):
+    """One MDLM run (ZeRO-2 with the optimizer offloaded, cosine schedule, a checkpoint every step
+    by time only, keep 2, two DataLoader workers) gets SIGTERM sent to its whole process group, as
+    SLURM does: the workers must survive it and the run checkpoints and exits cleanly. It resumes
+    from an explicit older checkpoint (--resume PATH) and finishes; the export / evaluate / sample
+    CLIs then reproduce the run's own evaluation and sampling of the MDLM checkpoint."""
+    out = tmp_path / "run"
+    args = ["--no-progress", "--model", "mdlm-tiny", "--ds_config", "ds_configs/zero2_offload.json",
+            "--data", str(data), "--out", str(out), "--max-steps", "12", "--lr-schedule", "cosine",
+            "--warmup-steps", "2", "--min-lr-ratio", "0.1", "--ckpt-every", "0", "--ckpt-minutes", "0.0001",
+            "--keep-last", "2", "--loader-workers", "2", "--log-every", "1", "--eval-every", "0",
+            "--global-batch", "8", *SHORT]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "pgm_dist/train.py", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    ckpts = out / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (ckpts / "step_00000003" / "COMPLETE").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its DataLoader workers
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-3000:]
+    stopped = int(re.search(r"preempted at step (\d+)", output).group(1))
+    assert 4 <= stopped < 12
+    # Every step was checkpointed by time (--ckpt-every 0), and only the last two were kept.
+    assert sorted(p.name for p in ckpts.glob("step_*")) == [f"step_{stopped - 1:08d}", f"step_{stopped:08d}"]
+
+    older = ckpts / f"step_{stopped - 1:08d}"
+    resumed = run_train([*args[1:], "--resume", str(older)], launcher=False).stdout
+    assert f"resumed from {older} at step {stopped - 1}" in resumed and "finished at step 12" in resumed
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000011", "step_00000012"]
+    values = scalars(out / "tb")
+    assert values["run/restarts"][12] == 1 and sorted(values["train/lr"]) == list(range(1, 13))
+    for step, lr in values["train/lr"].items():  # logged after `step` updates: the schedule at `step`
+        factor = (step + 1) / 2 if step < 2 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 2) / 10))
+        assert lr == pytest.approx(1e-3 * factor, rel=1e-6), step
+
+    def cli(module, *cli_args, check=True):
+        return subprocess.run([sys.executable, "-m", f"pgm_dist.{module}", *map(str, cli_args)], cwd=REPO,
+                              capture_output=True, text=True, check=check)
+
+    export = tmp_path / "export"
+    cli("export", "--ckpt", out, "--out", export)
+    nelbo = [float(re.search(r"NELBO (\S+)", cli("evaluate", "--model", model, "--data", data, "--batches", 2,
+                                                  "--micro-batch", 4).stdout).group(1))
+             for model in (export, ckpts / "step_00000012")]
+    # The run's end-of-run evaluation: the same batches, seed and EMA weights.
+    assert nelbo[0] == nelbo[1] == pytest.approx(values["val/nelbo"][12], abs=2e-6)
+
+    from pgm_dist.artifacts import load_model
+    from pgm_dist.sampling import generate
+
+    loaded = load_model(export)
+    tokens = generate(loaded.model, 2, 4, generator=torch.Generator().manual_seed(3))
+    assert tokens.shape == (2, 64) and (tokens[:, 0] == loaded.config.bos_id).all()
+    assert ((tokens >= 0) & (tokens < loaded.config.vocab_size)).all()  # nothing left masked
+    sampled = cli("sample", "--model", export, "--num", 2, "--steps", 4, "--seed", 3).stdout
+    assert sampled == "".join(f"--- sample {i} ---\n{loaded.tokenizer.decode(row.tolist())}\n"
+                              for i, row in enumerate(tokens))
+    refused = cli("sample", "--model", export, "--prompt", "import os", check=False)
+    assert refused.returncode == 2 and "prompts are supported for PGM models only" in refused.stderr

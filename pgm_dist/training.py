@@ -8,7 +8,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ class Setup:
     resume_from: Path | None
     universal: bool
     out: Path
+    launch: dict = field(default_factory=dict)  # who started this process (SLURM job id, nodes), logged at start
 
 
 def default_data(env: DistEnv) -> Path:
@@ -66,6 +67,34 @@ def check_resume(checkpoint: Path, model_config: ModelConfig, tokenizer: Tokeniz
     return saved
 
 
+def run_ds_config(cfg: TrainConfig, world_size: int, device: torch.device) -> dict:
+    ds_config = resolve_ds_config(cfg.ds_config, world_size=world_size, device=device,
+                                  micro_batch=cfg.micro_batch, global_batch=cfg.global_batch)
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ConfigError("ZeRO-3 is not supported by pgm_dist yet (EMA and sampling need whole parameters); "
+                          "use ds_configs/zero2.json, the right choice for models up to ~1B parameters")
+    return ds_config
+
+
+def allowed_world_sizes(global_batch: int, micro_batch: int) -> list[int]:
+    """World sizes W that keep the global batch: global = micro x W x accumulation."""
+    return [w for w in range(1, global_batch // micro_batch + 1) if global_batch % (micro_batch * w) == 0]
+
+
+def check_before_launch(cfg: TrainConfig, world_sizes: list[int], device: torch.device) -> None:
+    """What :func:`prepare` would reject at any of ``world_sizes``, checked where the job is submitted
+    (raises ``USER_ERRORS``; starts nothing)."""
+    if cfg.data:
+        DataFolder.open(Path(cfg.data))
+    ds_config = run_ds_config(cfg, 1, device)
+    batch, micro = ds_config["train_batch_size"], ds_config["train_micro_batch_size_per_gpu"]
+    allowed = allowed_world_sizes(batch, micro)
+    if not set(world_sizes) <= set(allowed):
+        raise ConfigError(f"global batch {batch} with micro-batch {micro} allows world sizes "
+                          f"{', '.join(map(str, allowed))}; the job may get {', '.join(map(str, world_sizes))}: "
+                          "change --global-batch / --micro-batch or the node range")
+
+
 def prepare(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Setup:
     data_path = Path(cfg.data) if cfg.data else default_data(env)
     folder = DataFolder.open(data_path)
@@ -77,11 +106,7 @@ def prepare(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Setup:
                                       eos_id=meta.special_ids["eos"], **overrides)
     out = Path(cfg.out)
     resume_from = find_resume_checkpoint(cfg.resume, out / "checkpoints")
-    ds_config = resolve_ds_config(cfg.ds_config, world_size=env.world_size, device=device,
-                                  micro_batch=cfg.micro_batch, global_batch=cfg.global_batch)
-    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
-        raise ConfigError("ZeRO-3 is not supported by pgm_dist yet (EMA and sampling need whole parameters); "
-                          "use ds_configs/zero2.json, the right choice for models up to ~1B parameters")
+    ds_config = run_ds_config(cfg, env.world_size, device)
     universal = False
     if resume_from is not None:
         saved = check_resume(resume_from, model_config, tokenizer)
@@ -159,6 +184,12 @@ def run(setup: Setup) -> str:
         if env.is_main:
             print(f"resumed from {setup.resume_from} at step {state.step}")
     parts.writer = make_writer(env.is_main, setup.out / "tb", state.step, state.tokens_seen)
+    # Every (re)start: where it runs, so a requeued or resized job is visible in TensorBoard.
+    parts.writer.text("run/start", f"job {setup.launch.get('job_id', '-')} on {setup.launch.get('nodes', '-')}: "
+                                   f"world size {env.world_size}, restart {state.restarts}, step {state.step}",
+                      state.step)
+    parts.writer.scalars({"run/world_size": env.world_size, "run/restarts": state.restarts,
+                          "run/nodes": setup.launch.get("num_nodes")}, state.step, state.tokens_seen)
     if env.is_main:
         setup.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(setup.out / "config.json", {

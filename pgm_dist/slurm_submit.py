@@ -1,0 +1,202 @@
+"""The login-node half of ``launcher/submit.py``: its options, the checks that run before anything
+is submitted, and the submitit executor (SLURM, or the LocalExecutor for ``--local``).
+The in-job half is :mod:`pgm_dist.slurm_job`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pgm_dist.slurm_job import JobTask, slurm_seconds
+
+
+class LaunchError(ValueError):
+    """A launcher option that cannot work; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class NodeRange:
+    low: int
+    high: int
+
+    def __str__(self) -> str:
+        return str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
+
+
+def parse_nodes(text: str) -> NodeRange:
+    """``N`` or ``MIN-MAX`` (SLURM starts the job on any count in the range)."""
+    match = re.fullmatch(r"(\d+)(?:-(\d+))?", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"--nodes {text!r}: give a node count N or a range MIN-MAX, e.g. 4-8")
+    low, high = int(match[1]), int(match[2] or match[1])
+    if low < 1:
+        raise argparse.ArgumentTypeError(f"--nodes {text!r}: a job needs at least one node")
+    if high < low:
+        raise argparse.ArgumentTypeError(f"--nodes {text!r}: the range is empty (MIN must be <= MAX, e.g. 2-5)")
+    return NodeRange(low, high)
+
+
+def parse_minutes(text: str) -> int:
+    """``--time`` in whole minutes (SLURM's resolution; seconds round up)."""
+    try:
+        seconds = slurm_seconds(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--time: {err}") from None
+    if not seconds:
+        raise argparse.ArgumentTypeError(f"--time {text!r}: give a finite, positive limit")
+    return math.ceil(seconds / 60)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python launcher/submit.py", allow_abbrev=False,
+        usage="%(prog)s --nodes N|MIN-MAX [options] [-- training options]",
+        description="Submit an elastic, preemptible multi-node training job to SLURM with submitit "
+                    "(or run the same job as local processes with --local). Everything after -- goes to "
+                    "the training entry point unchanged.")
+    add = parser.add_argument
+    add("--nodes", type=parse_nodes, default=NodeRange(1, 1), help="node count N or range MIN-MAX (default: 1)")
+    add("--gpus-per-node", type=int, default=8, help="GPUs per node, one task per GPU; 0 for CPU nodes (default: 8)")
+    add("--tasks-per-node", type=int, default=None, help="tasks (ranks) per node (default: --gpus-per-node, or 1)")
+    add("--cpus-per-task", type=int, default=None, help="CPU cores per task (data loader workers + 1 or more)")
+    add("--mem-gb", type=float, default=None, help="memory per node in GiB")
+    add("--partition", help="SLURM partition")
+    add("--account", help="SLURM account")
+    add("--qos", help="SLURM quality of service")
+    add("--constraint", help="SLURM node feature constraint")
+    add("--time", type=parse_minutes, default=parse_minutes("04:00:00"),
+        help="time limit per (re)start: minutes, HH:MM:SS or D-HH:MM:SS (default: 04:00:00)")
+    add("--signal-delay", type=int, default=120,
+        help="seconds of warning (SIGUSR2) before the time limit; must cover one step plus one checkpoint "
+             "save (default: 120)")
+    add("--max-requeues", type=int, default=3,
+        help="requeues after a time-out (preemptions requeue without limit; default: 3)")
+    add("--name", default="pgm", help="job name (default: pgm)")
+    add("--job-dir", type=Path, default=None,
+        help="submitit logs (JOB_DIR/logs) and the training output (JOB_DIR/train) (default: runs/NAME)")
+    add("--entry", default="train", choices=("train",), help="what the job runs (default: train)")
+    add("--dry-run", action="store_true", help="print the sbatch script and the training options; submit nothing")
+    add("--local", action="store_true",
+        help="run the job as processes on this machine (submitit's LocalExecutor) and wait for it")
+    return parser
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Launcher options, and the training options after ``--``."""
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv[:split])
+    args.train_argv = argv[split + 1:]
+    args.job_dir = args.job_dir or Path("runs") / args.name
+    if args.tasks_per_node is None:
+        args.tasks_per_node = args.gpus_per_node or 1
+    problems = []
+    if args.tasks_per_node < 1 or args.gpus_per_node < 0:
+        problems.append("--tasks-per-node must be >= 1 and --gpus-per-node >= 0")
+    if args.gpus_per_node and args.tasks_per_node != args.gpus_per_node:
+        problems.append(f"one task per GPU: --tasks-per-node {args.tasks_per_node} must equal --gpus-per-node "
+                        f"{args.gpus_per_node} (use --gpus-per-node 0 for CPU nodes)")
+    if args.signal_delay < 1 or args.max_requeues < 0:
+        problems.append("--signal-delay must be >= 1 second and --max-requeues >= 0")
+    if args.signal_delay >= args.time * 60:
+        problems.append(f"--signal-delay {args.signal_delay} s leaves no time to train within --time "
+                        f"{args.time} min")
+    if args.local and args.nodes != NodeRange(1, 1):
+        problems.append("--local runs on this one machine: use --nodes 1 (and --tasks-per-node for more ranks)")
+    if problems:
+        parser.error("; ".join(problems))
+    return args, args.train_argv
+
+
+def world_sizes(args: argparse.Namespace) -> list[int]:
+    return [n * args.tasks_per_node for n in range(args.nodes.low, args.nodes.high + 1)]
+
+
+def job_argv(args: argparse.Namespace, cfg) -> tuple[str, ...]:
+    """The training options every (re)start runs with: the user's, in the job's output folder, resuming."""
+    if cfg.out != "runs/default" or cfg.resume != "auto":
+        raise LaunchError("the launcher sets --out to JOB_DIR/train and always resumes from there "
+                          "(--resume auto): choose the folder with --job-dir, and a new one for a fresh run")
+    return ("--no-progress", *args.train_argv, "--out", str((args.job_dir / "train").absolute()), "--resume", "auto")
+
+
+def check_device(args: argparse.Namespace) -> torch.device:
+    """The device the job's ranks will train on (what the DeepSpeed config is resolved for)."""
+    return torch.device("cuda" if args.gpus_per_node else "cpu")
+
+
+def slurm_parameters(args: argparse.Namespace) -> dict:
+    """submitit's SlurmExecutor parameters (one sbatch line each)."""
+    params = {"job_name": args.name, "time": args.time, "nodes": args.nodes.low,
+              "ntasks_per_node": args.tasks_per_node, "signal_delay_s": args.signal_delay,
+              # --requeue: SLURM may requeue the job itself (node failure, preemption with PreemptMode=REQUEUE)
+              "additional_parameters": {"requeue": True}}
+    if args.nodes.high != args.nodes.low:
+        # With --ntasks-per-node in the header SLURM counts the tasks from MIN and grants MIN nodes; without
+        # it, it grants as many whole nodes of the range as are free, and srun starts the tasks on each.
+        params["additional_parameters"].update(nodes=str(args.nodes), exclusive=True)
+        params["srun_args"] = [f"--ntasks-per-node={params.pop('ntasks_per_node')}"]
+    if args.gpus_per_node:
+        params["gpus_per_node"] = args.gpus_per_node
+    if args.mem_gb:
+        params["mem"] = f"{round(args.mem_gb * 1024)}M"
+    for name in ("cpus_per_task", "partition", "account", "qos", "constraint"):
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
+    return params
+
+
+def logs_folder(args: argparse.Namespace) -> Path:
+    return (args.job_dir / "logs").absolute()
+
+
+def sbatch_script(args: argparse.Namespace) -> str:
+    """The script ``sbatch`` gets (what submitit writes for the same parameters)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(logs_folder(args)))}"
+    return _make_sbatch_string(command=command, folder=logs_folder(args), **slurm_parameters(args))
+
+
+def make_executor(args: argparse.Namespace):
+    import submitit
+
+    if args.local:
+        executor = submitit.LocalExecutor(logs_folder(args), max_num_timeout=args.max_requeues)
+        executor.update_parameters(timeout_min=args.time, tasks_per_node=args.tasks_per_node,
+                                   gpus_per_node=args.gpus_per_node, signal_delay_s=args.signal_delay)
+        return executor
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        raise LaunchError("sbatch/srun not found: this is not a SLURM login node. Use --local to run the same "
+                          "job as processes on this machine, or --dry-run to see the sbatch script")
+    executor = submitit.SlurmExecutor(logs_folder(args), max_num_timeout=args.max_requeues)
+    executor.update_parameters(**slurm_parameters(args))
+    return executor
+
+
+def submit(args: argparse.Namespace, task: JobTask):
+    return make_executor(args).submit(task)
+
+
+def followup(args: argparse.Namespace, job) -> str:
+    """What to run next: logs, TensorBoard, follow, preempt, cancel."""
+    out = args.job_dir / "train"
+    lines = [f"submitted job {job.job_id}: {args.name}, {args.nodes} node(s) x {args.tasks_per_node} task(s)",
+             f"logs:        {job.paths.stdout}  (.err beside it; one pair per task)",
+             f"output:      {out}  (checkpoints, config.json)",
+             f"TensorBoard: tensorboard --logdir {out / 'tb'}"]
+    if args.local:
+        lines.append(f"running here (controller pid {job.job_id}); waiting for it to finish")
+    else:
+        lines += [f"follow:      squeue -j {job.job_id}    tail -f {job.paths.stdout}",
+                  f"preempt:     scancel --signal=USR2 {job.job_id}   (saves, requeues, resumes)",
+                  f"cancel:      scancel {job.job_id}"]
+    return "\n".join(lines)

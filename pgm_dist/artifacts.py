@@ -39,6 +39,17 @@ def resolve_model_dir(path: str | Path) -> Path:
                             f"(with {MARKER}), nor a run folder holding one")
 
 
+def training_data_folder(info: dict) -> Path | None:
+    """The data folder a model was trained on, as its checkpoint's ``pgm_state.json`` (the run's
+    ``--data``, else the built-in corpus's folder) or its export's ``config.json`` records it.
+    A relative path is relative to where training ran; None for an export that predates the record."""
+    if "train_config" in info:
+        from pgm_dist.training import DEFAULT_DATA  # what a run without --data trains on
+
+        return Path(info["train_config"].get("data") or DEFAULT_DATA)
+    return Path(info["data"]) if info.get("data") else None
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", attention: str | None = None) -> LoadedModel:
     source = resolve_model_dir(path)
     if (source / EXPORT_WEIGHTS).is_file():

@@ -1,5 +1,6 @@
-"""``python -m pgm_dist.evaluate --model DIR --data DIR``: validation NELBO and perplexity
-with the EMA weights, numbers reproducible with ``--seed``."""
+"""``python -m pgm_dist.evaluate --model DIR [--data DIR]``: validation NELBO and perplexity
+with the EMA weights, numbers reproducible with ``--seed``; by default on the validation
+shards of the data folder the model was trained on."""
 from __future__ import annotations
 
 import argparse
@@ -39,24 +40,43 @@ def nelbo_and_perplexity(total: torch.Tensor) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
-    from pgm_dist.artifacts import load_model
+    from pgm_dist.artifacts import load_model, training_data_folder
+    from pgm_dist.cli import HelpFormatter
     from pgm_dist.data.loader import ValidationLoader
     from pgm_dist.data.shards import DataError, DataFolder
     from pgm_dist.objectives import objective_for
 
-    parser = argparse.ArgumentParser(prog="python -m pgm_dist.evaluate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pgm_dist.evaluate", description=__doc__,
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="an export, a checkpoint, or a run folder")
-    parser.add_argument("--data", required=True, help="the data folder (its val-*.tar shards)")
+    parser.add_argument("--data", default=None,
+                        help="a data folder (its val-*.tar shards) tokenized with the model's tokenizer "
+                             "(default: the folder the model was trained on)")
     parser.add_argument("--batches", type=int, default=None, help="at most this many batches (default: all)")
-    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--micro-batch", type=int, default=16, help="sequences per forward pass")
     parser.add_argument("--seed", type=int, default=1234, help="validation seed (noise levels, partitions)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = parser.parse_args(argv)
     try:
         loaded = load_model(args.model, args.device)
-        folder = DataFolder.open(args.data, seq_len=loaded.config.seq_len, vocab_size=loaded.config.vocab_size)
+        trained_on = training_data_folder(loaded.info)
+        if args.data is not None:
+            data, origin = args.data, "--data"
+        elif trained_on is None:
+            raise DataError(f"{loaded.source} does not record the data folder it was trained on "
+                            "(an export made before exports did): pass --data DIR")
+        elif not trained_on.is_dir():
+            raise DataError(f"{loaded.source} was trained on {trained_on}, which does not exist from here "
+                            "(a relative path is relative to where training ran): pass --data DIR")
+        else:
+            data, origin = trained_on, "the folder the model was trained on"
+        folder = DataFolder.open(data)
         if folder.meta.tokenizer_sha256 != loaded.tokenizer.sha256:
-            raise DataError(f"{args.data} was tokenized with another tokenizer than the model's")
+            raise DataError(f"{data} was tokenized with another tokenizer than the model's "
+                            f"({loaded.source / 'tokenizer.model'}): evaluate on data built with "
+                            f"`python -m pgm_dist.data build --tokenizer {loaded.source / 'tokenizer.model'}`"
+                            + (f", or on the model's own {trained_on}" if trained_on is not None else ""))
+        folder.meta.check(seq_len=loaded.config.seq_len)
         batches = ValidationLoader(folder.val_sources, seq_len=folder.meta.seq_len, micro_batch=args.micro_batch,
                                    max_batches=args.batches)
         total = nelbo_sums(loaded.model, objective_for(loaded.config), batches, torch.device(args.device),
@@ -65,7 +85,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     nelbo, ppl = nelbo_and_perplexity(total)
-    print(f"model {loaded.source}\nvalidation tokens {int(total[1].item())}\n"
+    print(f"model {loaded.source}\ndata {folder.path} ({origin})\nvalidation tokens {int(total[1].item())}\n"
           f"NELBO {nelbo:.6f} nats/token\nperplexity {ppl:.4f}")
     return 0
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from pgm_dist.artifacts import EXPORT_CONFIG, EXPORT_WEIGHTS, load_model
+from pgm_dist.artifacts import EXPORT_CONFIG, EXPORT_WEIGHTS, load_model, training_data_folder
 from pgm_dist.checkpoint import TOKENIZER_FILE
+from pgm_dist.cli import HelpFormatter
 from pgm_dist.data.shards import write_json_atomic
 
 
@@ -21,15 +22,20 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
     save_file(state, str(out / EXPORT_WEIGHTS))
     shutil.copyfile(loaded.source / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    data = training_data_folder(loaded.info)
+    if data is not None and data.is_dir():
+        data = data.resolve()  # so that `evaluate --model EXPORT` finds it from any folder
     write_json_atomic(out / EXPORT_CONFIG, {
         "model_config": loaded.config.to_dict(), "tokenizer_sha256": loaded.tokenizer.sha256,
         "step": loaded.info.get("step"), "data_meta": loaded.info.get("data_meta"),
+        "data": str(data) if data is not None else None,
         "exported_from": str(loaded.source)})
     return out
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pgm_dist.export", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pgm_dist.export", description=__doc__,
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a checkpoint folder, or a run folder (its latest checkpoint)")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)

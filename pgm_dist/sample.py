@@ -8,21 +8,23 @@ import time
 
 import torch
 
+from pgm_dist.cli import HelpFormatter
 from pgm_dist.sampling import generate
 
 
 def main(argv=None) -> int:
     from pgm_dist.artifacts import load_model
 
-    parser = argparse.ArgumentParser(prog="python -m pgm_dist.sample", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pgm_dist.sample", description=__doc__,
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="an export, a checkpoint, or a run folder")
     parser.add_argument("--num", type=int, default=4, help="texts to sample")
     parser.add_argument("--steps", type=int, default=64, help="sampling steps")
     parser.add_argument("--prompt", default=None, help="text the samples start with (PGM only)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the draws")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the draws")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = parser.parse_args(argv)
     try:
         loaded = load_model(args.model, args.device)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pgm_dist.cli import HelpFormatter
 from pgm_dist.config import ATTENTION_BACKENDS, PRESETS
 
 
@@ -91,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepspeed pgm_dist/train.py",
         description="Train a PGM (or the MDLM baseline) with DeepSpeed ZeRO.",
-        epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=__doc__, formatter_class=HelpFormatter)
     for f in dataclasses.fields(TrainConfig):
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f.metadata["help"]
         if f.type in ("bool", bool):
             parser.add_argument(_flag(f), dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_text)

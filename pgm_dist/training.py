@@ -42,14 +42,17 @@ class Setup:
     launch: dict = field(default_factory=dict)  # who started this process (SLURM job id, nodes), logged at start
 
 
-def default_data(env: DistEnv) -> Path:
-    """Build the built-in corpus once; concurrent ranks wait on a file lock."""
-    DEFAULT_DATA.parent.mkdir(parents=True, exist_ok=True)
-    with open(DEFAULT_DATA.parent / ".default.lock", "w") as lock:
+def default_data(env: DistEnv, out: Path = DEFAULT_DATA, inputs: list[Path] | None = None,
+                 settings: BuildSettings | None = None) -> Path:
+    """Build the built-in corpus (or ``inputs``) into ``out`` once: every rank of every node that
+    starts without ``--data`` calls this at the same moment, so they take turns on a file lock
+    beside ``out``; the first builds, the others find the finished folder and reuse it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        build(DEFAULT_DATA, None, BuildSettings(), progress=env.is_main,
+        build(out, inputs, settings or BuildSettings(), progress=env.is_main,
               log=print if env.is_main else (lambda *_: None))
-    return DEFAULT_DATA
+    return out
 
 
 def check_resume(checkpoint: Path, model_config: ModelConfig, tokenizer: Tokenizer) -> dict:

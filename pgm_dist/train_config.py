@@ -53,7 +53,8 @@ class TrainConfig:
     ema_decay: float = _opt(0.9999, "EMA decay of the weights used for evaluation and sampling "
                                     "(warmed up as min(decay, (1+n)/(10+n)))")
     seed: int = _opt(0, "seed of the data order, noise levels, partitions and dropout")
-    resume: str = _opt("auto", "auto (latest complete checkpoint in OUT), never (refused when OUT already holds checkpoints), or a checkpoint folder")
+    resume: str = _opt("auto", "auto (latest complete checkpoint in OUT), never (refused when OUT already "
+                               "holds checkpoints), or a checkpoint folder")
     log_every: int = _opt(10, "steps between TensorBoard scalars")
     eval_every: int = _opt(100, "steps between validation NELBO evaluations (0: only at the end)")
     eval_batches: int = _opt(20, "validation micro-batches per rank and evaluation")

@@ -47,6 +47,8 @@ def scalar_events(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     ``log_dir/by_tokens`` (whose "steps" are tokens seen)."""
     events = {}
     for folder in (log_dir, log_dir / TOKENS_DIR):
+        if not folder.is_dir():  # a run written before the token axis had its own folder
+            continue
         acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
         acc.Reload()
         events.update({tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]})

@@ -155,6 +155,13 @@ class SlurmCluster:
         raise AssertionError(f"job {job_id} still {state} after {timeout} s (wanted {states})")
 
     def stop(self) -> None:
+        # A job left running (a failed test) would outlive the daemons in its slurmstepd processes.
+        active = self.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
+        if active:
+            self.run("scancel", *active, check=False)
+            deadline = time.monotonic() + 30
+            while self.run("squeue", "-h", "-o", "%i", check=False).stdout.split() and time.monotonic() < deadline:
+                time.sleep(0.5)
         for proc in reversed(self.procs):
             proc.terminate()
         for proc in reversed(self.procs):

@@ -8,6 +8,7 @@ the client state: train state, every rank's data-loader state, objective state,
   (readable without DeepSpeed; the decisions taken before ``deepspeed.initialize``
   come from it);
 - ``ema.safetensors``: the EMA weights; ``tokenizer.model``: the tokenizer;
+- the objective's weight files, if it has any (distillation's ``teacher.safetensors``);
 - ``COMPLETE``: written atomically after a barrier that follows every rank's save.
 
 Only folders with ``COMPLETE`` are ever resumed from, so a kill at any moment of a
@@ -123,8 +124,9 @@ class Checkpointer:
         return self.every_minutes > 0 and time.monotonic() - self.last_save >= 60 * self.every_minutes
 
     def save(self, ds_engine, step: int, client_state: dict, state: dict, ema_weights: dict,
-             tokenizer_path: Path | None) -> Path:
-        """Collective: every rank must call it."""
+             tokenizer_path: Path | None, extra_files: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+        """Collective: every rank must call it. ``extra_files``: {file name: tensors} written by
+        rank 0 as safetensors beside the shards, before the marker."""
         tag = tag_for(step)
         path = self.root / tag
         if self.env.is_main and path.exists():
@@ -133,7 +135,8 @@ class Checkpointer:
         ds_engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         _maybe_fault(step, self.env.rank)
         if self.env.is_main:
-            save_file({k: v.contiguous() for k, v in ema_weights.items()}, str(path / EMA_FILE))
+            for name, tensors in {EMA_FILE: ema_weights, **(extra_files or {})}.items():
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / name))
             write_json_atomic(path / STATE_FILE, state)
             if tokenizer_path is not None:
                 shutil.copyfile(tokenizer_path, path / TOKENIZER_FILE)

@@ -18,7 +18,9 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from pgm_dist.checkpoint import Checkpointer
+from safetensors.torch import load_file
+
+from pgm_dist.checkpoint import Checkpointer, load_ema_weights
 from pgm_dist.distributed import all_gather_objects, all_reduce
 from pgm_dist.engine import Engine
 from pgm_dist.flops import peak_flops, training_flops_per_token
@@ -68,6 +70,11 @@ class LoopParts:
     sample_texts: Callable[[torch.nn.Module, int], list[str]]  # (model with EMA weights, step) -> texts
     checkpoint_state: Callable[[TrainState], dict]  # pgm_state.json contents
     tokenizer_path: Path | None
+    # Called with the completed step count right after each optimizer step, before that step's
+    # logging and checkpoint decision (distillation's round boundaries).
+    on_step: Callable[[int], None] | None = None
+    # (the values about to be logged) -> more values logged with them at the same step.
+    extra_scalars: Callable[[dict], dict] | None = None
 
 
 class TrainingLoop:
@@ -85,30 +92,43 @@ class TrainingLoop:
         self.last_texts: list[str] = []
 
     # -- checkpoint state ----------------------------------------------------------------
-    def client_state(self) -> dict:
+    def client_state(self) -> tuple[dict, dict[str, dict]]:
+        """(DeepSpeed's client state, {file name: tensors} of the objective's ``state_files``).
+
+        An objective's ``state_files`` maps keys of its state dict that hold weights (the SDTT
+        teacher) to safetensors files beside the shards, kept out of the pickled client state.
+        """
         objective = self.p.engine.objective
+        state = objective.state_dict() if hasattr(objective, "state_dict") else None
+        files = {name: state.pop(key) for key, name in getattr(objective, "state_files", {}).items()}
         return {
             "train_state": self.state.state_dict(),
             "data": all_gather_objects(self.p.train_loader.state_dict()),
-            "objective": objective.state_dict() if hasattr(objective, "state_dict") else None,
+            "objective": state,
             "ema_updates": self.p.engine.ema.updates,
             "universal_checkpoint_info": {},
-        }
+        }, files
 
-    def restore(self, client_state: dict, ema_weights: dict) -> None:
+    def restore(self, client_state: dict, checkpoint: Path) -> None:
+        """Everything but DeepSpeed's own state from ``client_state`` and the files of ``checkpoint``."""
         self.state.load_state_dict(client_state["train_state"])
         data = client_state["data"]
         self.p.train_loader.load_state_dict(data[self.env.rank] if self.env.rank < len(data) else data[0])
         objective = self.p.engine.objective
         if client_state.get("objective") is not None:
-            objective.load_state_dict(client_state["objective"])
-        self.p.engine.ema.load_state_dict({"updates": client_state["ema_updates"], "shadow": ema_weights})
+            state = dict(client_state["objective"])
+            for key, name in getattr(objective, "state_files", {}).items():
+                state[key] = load_file(str(checkpoint / name))
+            objective.load_state_dict(state)
+        self.p.engine.ema.load_state_dict({"updates": client_state["ema_updates"],
+                                           "shadow": load_ema_weights(checkpoint)})
 
     def save(self) -> Path:
         engine = self.p.engine
-        return self.p.checkpointer.save(engine.ds, self.state.step, self.client_state(),
+        client_state, files = self.client_state()
+        return self.p.checkpointer.save(engine.ds, self.state.step, client_state,
                                         self.p.checkpoint_state(self.state), engine.ema.shadow,
-                                        self.p.tokenizer_path)
+                                        self.p.tokenizer_path, files)
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> str:
@@ -130,6 +150,8 @@ class TrainingLoop:
                 state.samples_seen += engine.global_batch
                 state.tokens_seen += self.tokens_per_step
                 window["steps"] += 1
+                if self.p.on_step is not None:
+                    self.p.on_step(state.step)
                 if result.applied:
                     consecutive_bad = 0
                     window["loss"] += result.loss
@@ -190,6 +212,8 @@ class TrainingLoop:
             "data/skipped_shards": skipped.item(), "run/world_size": self.env.world_size,
             "run/restarts": state.restarts, **self.telemetry.read(),
         }
+        if self.p.extra_scalars is not None:
+            values.update(self.p.extra_scalars(values))
         self.p.writer.scalars(values, state.step, state.tokens_seen)
         bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
         window.update(loss=torch.zeros((), device=engine.device), applied=0, steps=0, wait=0.0,

@@ -96,6 +96,13 @@ class SDTTConfig:
         if not 0 < self.t_min < 1:
             raise ValueError(f"t_min must be in (0, 1), got {self.t_min}")
 
+    @property
+    def num_rounds(self) -> int:
+        """``rounds``, or fewer: the rounds whose student samples in at least ``min_steps`` steps."""
+        # sampling steps of round r >= min_steps  <=>  2^r <= start_steps / (m min_steps)
+        fitting = (self.start_steps // self.teacher_steps // self.min_steps).bit_length()
+        return min(self.rounds, fitting)
+
 
 def noisy_input(tokens: Tensor, masked: Tensor, config) -> Tensor:
     """The network input at a masked set: MASK ids for MDLM; for a PGM any value is exact
@@ -162,6 +169,9 @@ class SDTTObjective:
     start the teacher as a copy of the student.
     """
 
+    # The state dict key whose weights the training loop writes to a file beside the shards.
+    state_files = {"teacher": TEACHER_FILE}
+
     def __init__(self, teacher: nn.Module, config: SDTTConfig = SDTTConfig()):
         self.teacher = teacher.eval().requires_grad_(False)
         self.config = config
@@ -195,11 +205,7 @@ class SDTTObjective:
 
     @property
     def num_rounds(self) -> int:
-        """``rounds``, or fewer: the rounds whose student samples in at least ``min_steps`` steps."""
-        cfg = self.config
-        # sampling_steps(r) >= min_steps  <=>  2^r <= start_steps / (m min_steps)
-        fitting = (cfg.start_steps // cfg.teacher_steps // cfg.min_steps).bit_length()
-        return min(cfg.rounds, fitting)
+        return self.config.num_rounds
 
     @property
     def end_step(self) -> int:
@@ -240,9 +246,9 @@ class SDTTObjective:
     def state_dict(self) -> dict:
         """Round state and the teacher's weights (CPU copies, under ``teacher``).
 
-        The checkpoint code should write ``teacher`` to :data:`TEACHER_FILE`
+        The training loop (per :attr:`state_files`) writes ``teacher`` to :data:`TEACHER_FILE`
         (``teacher.safetensors``) beside the DeepSpeed shards, before the completion
-        marker, keep the rest in the client state, and put the loaded tensors back
+        marker, keeps the rest in the client state, and puts the loaded tensors back
         under ``teacher`` before :meth:`load_state_dict`.
         """
         cfg = self.config

@@ -15,18 +15,11 @@ if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pgm_dist.train_config import parse_train_config
-from pgm_dist.training import USER_ERRORS, prepare_process, run
+from pgm_dist.training import launch
 
 
 def main(argv=None) -> int:
-    cfg = parse_train_config(argv)
-    try:
-        setup = prepare_process(cfg)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    run(setup)
-    return 0
+    return launch(parse_train_config(argv))
 
 
 if __name__ == "__main__":

@@ -89,12 +89,16 @@ def _flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="deepspeed pgm_dist/train.py",
-        description="Train a PGM (or the MDLM baseline) with DeepSpeed ZeRO.",
-        epilog=__doc__, formatter_class=HelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
+def build_parser(config_cls: type = TrainConfig, prog: str = "deepspeed pgm_dist/train.py",
+                 description: str = "Train a PGM (or the MDLM baseline) with DeepSpeed ZeRO.",
+                 epilog: str | None = __doc__) -> argparse.ArgumentParser:
+    """One option per field of ``config_cls`` (TrainConfig or a subclass such as distillation's),
+    except those its ``cli_excluded`` names."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                     formatter_class=HelpFormatter)
+    for f in dataclasses.fields(config_cls):
+        if f.name in getattr(config_cls, "cli_excluded", ()):
+            continue
         help_text = f.metadata["help"]
         if f.type in ("bool", bool):
             parser.add_argument(_flag(f), dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
@@ -107,13 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_train_config(argv=None) -> TrainConfig:
-    args = vars(build_parser().parse_args(argv))
+def parse_train_config(argv=None, config_cls: type = TrainConfig, **parser_args) -> TrainConfig:
+    parser = build_parser(config_cls, **parser_args)
+    args = vars(parser.parse_args(argv))
     args.pop("local_rank")
     try:
-        return TrainConfig(**args)
+        return config_cls(**args)
     except ConfigError as err:
-        build_parser().error(str(err))
+        parser.error(str(err))
 
 
 def resolve_ds_config(path: str | Path, *, world_size: int, device: torch.device,

@@ -8,12 +8,13 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from pgm_dist.checkpoint import find_resume_checkpoint, load_ema_weights, prepare_universal, read_state
+from pgm_dist.checkpoint import find_resume_checkpoint, prepare_universal, read_state
 from pgm_dist.config import ModelConfig
 from pgm_dist.data.builder import BuildSettings, build
 from pgm_dist.data.loader import TrainLoader, ValidationLoader
@@ -23,6 +24,21 @@ from pgm_dist.distributed import DistEnv, dist_env, init_process_group, select_d
 from pgm_dist.train_config import ConfigError, TrainConfig, resolve_ds_config
 
 DEFAULT_DATA = Path("data_shards/default")
+
+
+class Task:
+    """What :func:`run` trains: pre-training. Distillation (``pgm_dist/distillation.py``) overrides
+    both methods and ends in the same :func:`run`."""
+
+    def build(self, setup: "Setup") -> tuple[torch.nn.Module, object]:
+        """The model to train, weights initialised, and its objective (before DeepSpeed)."""
+        from pgm_dist.models import build_model
+        from pgm_dist.objectives import objective_for
+
+        return build_model(setup.model_config), objective_for(setup.model_config)
+
+    def attach(self, loop, setup: "Setup") -> None:
+        """Add hooks to ``loop.p`` (``LoopParts``) once the engine exists, before any restore."""
 
 
 @dataclass
@@ -40,6 +56,7 @@ class Setup:
     universal: bool
     out: Path
     launch: dict = field(default_factory=dict)  # who started this process (SLURM job id, nodes), logged at start
+    task: Task = field(default_factory=Task)
 
 
 def default_data(env: DistEnv, out: Path = DEFAULT_DATA, inputs: list[Path] | None = None,
@@ -98,15 +115,16 @@ def check_before_launch(cfg: TrainConfig, world_sizes: list[int], device: torch.
                           "change --global-batch / --micro-batch or the node range")
 
 
-def prepare(cfg: TrainConfig, env: DistEnv, device: torch.device) -> Setup:
+def prepare(cfg: TrainConfig, env: DistEnv, device: torch.device, model_config: ModelConfig | None = None) -> Setup:
+    """``model_config``: default the ``--model`` preset at the data's vocabulary and length."""
     data_path = Path(cfg.data) if cfg.data else default_data(env)
     folder = DataFolder.open(data_path)
     meta = folder.meta
     tokenizer = Tokenizer(folder.tokenizer_path)
     overrides = {"dropout": cfg.dropout} if cfg.dropout is not None else {}
-    model_config = ModelConfig.preset(cfg.model, vocab_size=meta.vocab_size, seq_len=meta.seq_len,
-                                      attention=cfg.attention, bos_id=meta.special_ids["bos"],
-                                      eos_id=meta.special_ids["eos"], **overrides)
+    model_config = model_config or ModelConfig.preset(
+        cfg.model, vocab_size=meta.vocab_size, seq_len=meta.seq_len, attention=cfg.attention,
+        bos_id=meta.special_ids["bos"], eos_id=meta.special_ids["eos"], **overrides)
     out = Path(cfg.out)
     resume_from = find_resume_checkpoint(cfg.resume, out / "checkpoints")
     ds_config = run_ds_config(cfg, env.world_size, device)
@@ -141,8 +159,6 @@ def run(setup: Setup) -> str:
     from pgm_dist.engine import Engine
     from pgm_dist.loop import LoopParts, TrainingLoop, TrainState
     from pgm_dist.metrics import make_writer
-    from pgm_dist.models import build_model
-    from pgm_dist.objectives import objective_for
     from pgm_dist.sampling import generate
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
@@ -152,8 +168,8 @@ def run(setup: Setup) -> str:
     if setup.resume_from is not None:
         tag = prepare_universal(setup.resume_from, env) if setup.universal else setup.resume_from.name
     torch.manual_seed(cfg.seed)
-    model = build_model(setup.model_config)
-    engine = Engine(model, objective_for(setup.model_config), cfg, setup.ds_config, env, device)
+    model, objective = setup.task.build(setup)
+    engine = Engine(model, objective, cfg, setup.ds_config, env, device)
     stage = setup.ds_config.get("zero_optimization", {}).get("stage", 0)
     folder = setup.folder
     has_val = any(folder.path.glob("val-*.tar"))
@@ -179,10 +195,11 @@ def run(setup: Setup) -> str:
     parts = LoopParts(engine, setup.train_loader, val_batches, checkpointer, None, sample_texts,
                       checkpoint_state, setup.tokenizer.path)
     loop = TrainingLoop(parts, state)
+    setup.task.attach(loop, setup)
     if setup.resume_from is not None:
         _, client_state = engine.ds.load_checkpoint(str(setup.resume_from.parent), tag=tag,
                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
-        loop.restore(client_state, load_ema_weights(setup.resume_from))
+        loop.restore(client_state, setup.resume_from)
         state.restarts += 1
         if env.is_main:
             print(f"resumed from {setup.resume_from} at step {state.step}")
@@ -219,8 +236,20 @@ def run(setup: Setup) -> str:
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, ValueError)
 
 
-def prepare_process(cfg: TrainConfig) -> Setup:
-    """This process's rank, device and CPU threads, then :func:`prepare` (raises ``USER_ERRORS``)."""
+def launch(cfg: TrainConfig, prepare=prepare) -> int:
+    """A ``deepspeed`` entry's body after parsing: exit status 2 with the message on a user error."""
+    try:
+        setup = prepare_process(cfg, prepare)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run(setup)
+    return 0
+
+
+def prepare_process(cfg: TrainConfig, prepare=prepare) -> Setup:
+    """This process's rank, device and CPU threads, then ``prepare`` (:func:`prepare`, or
+    distillation's) (raises ``USER_ERRORS``)."""
     env = dist_env()
     device = select_device(env)
     _limit_cpu_threads(env, device)

@@ -24,8 +24,8 @@ def free_port() -> int:
 
 
 def run_train(args: list[str], *, ranks: int | None = None, env: dict | None = None, timeout: int = 600,
-              check: bool = True, launcher: bool = True) -> subprocess.CompletedProcess:
-    """``deepspeed [--num_gpus N] pgm_dist/train.py ARGS`` from the repository root."""
+              check: bool = True, launcher: bool = True, script: str = "pgm_dist/train.py") -> subprocess.CompletedProcess:
+    """``deepspeed [--num_gpus N] SCRIPT ARGS`` from the repository root (SCRIPT: train.py or distill.py)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // (ranks or 1))), "PYTHONUNBUFFERED": "1",
                 **(env or {})}
     if launcher:
@@ -34,7 +34,7 @@ def run_train(args: list[str], *, ranks: int | None = None, env: dict | None = N
             cmd += ["--num_gpus", str(ranks)]
     else:
         cmd = [sys.executable]
-    cmd += ["pgm_dist/train.py", "--no-progress", *args]
+    cmd += [script, "--no-progress", *args]
     done = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
         raise AssertionError(f"training failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}")

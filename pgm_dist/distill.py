@@ -1,0 +1,31 @@
+"""Distil a trained PGM (or MDLM) with SDTT on the training engine.
+
+    deepspeed pgm_dist/distill.py --ds_config ds_configs/zero2.json [--teacher PATH] [options]
+
+Same launchers, checkpoints, resume and TensorBoard logs as ``pgm_dist/train.py``;
+``--help`` lists the options. Every error a user can cause is raised before any
+distributed work starts.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pgm_dist import distillation
+from pgm_dist.distillation import DistillConfig, prepare_distillation
+from pgm_dist.train_config import parse_train_config
+from pgm_dist.training import launch
+
+
+def main(argv=None) -> int:
+    cfg = parse_train_config(argv, DistillConfig, prog="deepspeed pgm_dist/distill.py",
+                             description="Distil a trained model with SDTT (self-distillation through time).",
+                             epilog=distillation.__doc__)
+    return launch(cfg, prepare_distillation)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

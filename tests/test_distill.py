@@ -1,0 +1,126 @@
+"""SDTT distillation on the training engine: ``deepspeed pgm_dist/distill.py`` end to end and
+resumed in the middle of a round, and the generative-perplexity evaluator (CPU)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pgm_dist import distill
+from pgm_dist.gen_ppl import generative_perplexity, load_evaluator, unigram_entropy
+from tests.train_helpers import module_weights, run_train, scalars
+
+transformers = pytest.importorskip("transformers", reason="the [eval] extra (transformers) is not installed")
+
+TEXTS = ["def main():\n    return 0\n", "import os\nprint(os.getcwd())", "x = [i * i for i in range(10)]"]
+
+
+@pytest.fixture(scope="module")
+def evaluator_dir(tmp_path_factory):
+    """A tiny random GPT-2 with a byte-level BPE tokenizer, saved as a transformers folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS * 4, trainers.BpeTrainer(
+        vocab_size=270, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    out = tmp_path_factory.mktemp("evaluator")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                         eos_token="<|endoftext|>").save_pretrained(out)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=8, n_embd=32, n_layer=2,
+                                     n_head=2, bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(out)
+    return out
+
+
+def test_generative_perplexity_equals_transformers_loss_and_entropy_closed_form(evaluator_dir):
+    evaluator = load_evaluator(evaluator_dir)
+    assert evaluator.max_length == 8
+    # Reference: the model's own shifted cross-entropy per window of 8 ids after BOS, token-weighted.
+    model = transformers.AutoModelForCausalLM.from_pretrained(evaluator_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(evaluator_dir)
+    total, count = 0.0, 0
+    for text in TEXTS:
+        ids = [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
+        assert len(ids) > 8  # several windows per text
+        for start in range(0, len(ids), 8):
+            window = torch.tensor(ids[start:start + 8])[None]
+            if window.shape[1] > 1:
+                with torch.no_grad():
+                    total += model(window, labels=window).loss.item() * (window.shape[1] - 1)
+                count += window.shape[1] - 1
+    assert generative_perplexity(evaluator, TEXTS) == pytest.approx(math.exp(total / count), rel=1e-5)
+    # Entropy of each row's token frequencies: {a, a, b, b} -> log 2, {c, c, c, c} -> 0.
+    assert unigram_entropy(torch.tensor([[0, 0, 1, 1], [3, 3, 3, 3]])) == pytest.approx(math.log(2) / 2)
+
+
+@pytest.fixture(scope="module")
+def teacher(data, tmp_path_factory):
+    """A pgm-tiny checkpoint trained for 3 steps (one process)."""
+    out = tmp_path_factory.mktemp("teacher")
+    run_train(["--data", str(data), "--out", str(out), "--max-steps", "3", "--global-batch", "4",
+               "--micro-batch", "4", "--eval-every", "0", "--ckpt-every", "0", "--eval-batches", "1",
+               "--sample-steps", "2", "--num-samples", "1"], launcher=False)
+    return out / "checkpoints" / "step_00000003"
+
+
+def test_user_errors_are_clear_before_distributed_work(data, teacher, tmp_path, capsys):
+    base = ["--data", str(data), "--out", str(tmp_path / "x"), "--round-steps", "3", "--start-steps", "8",
+            "--min-steps", "2"]
+    for extra, message in [
+        (["--teacher", str(tmp_path)], "neither an export"),
+        (["--teacher", str(teacher), "--eval-model", str(tmp_path / "none")], "--eval-model"),
+        (["--teacher", str(teacher), "--eval-model", str(tmp_path)], "cannot be loaded"),
+    ]:
+        assert distill.main([*base, *extra]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        distill.main([*base, "--teacher", str(teacher), "--start-steps", "12"])
+    assert "power of two times the teacher steps" in capsys.readouterr().err
+
+
+def test_two_rounds_resume_mid_round_two_with_the_round_two_teacher(data, teacher, evaluator_dir, tmp_path):
+    """2 ranks, ZeRO-2, fp32: round 0 = steps 1-3 (4-step students), round 1 = steps 4-6 (2-step).
+    The split run stops after step 4 and resumes; losses, teacher and weights match the straight run."""
+    common = ["--ds_config", "ds_configs/zero2.json", "--teacher", str(teacher), "--data", str(data),
+              "--start-steps", "8", "--round-steps", "3", "--rounds", "2", "--min-steps", "2",
+              "--global-batch", "4", "--micro-batch", "2", "--log-every", "1", "--eval-every", "0",
+              "--ckpt-every", "3", "--eval-batches", "1", "--sample-steps", "2", "--num-samples", "1",
+              "--eval-samples", "2", "--eval-model", str(evaluator_dir)]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_train([*common, "--out", str(straight)], ranks=2, script="pgm_dist/distill.py")
+    run_train([*common, "--out", str(split), "--max-steps", "4"], ranks=2, script="pgm_dist/distill.py")
+    resumed = run_train([*common, "--out", str(split)], ranks=2, script="pgm_dist/distill.py")
+    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
+
+    a, b = scalars(straight / "tb"), scalars(split / "tb")
+    assert a["distill/round"] == {1: 0, 2: 0, 3: 0, 4: 1, 5: 1, 6: 1}
+    assert a["distill/sampling_steps"] == {1: 4, 2: 4, 3: 4, 4: 2, 5: 2, 6: 2}
+    assert a["distill/loss"] == a["train/loss"]
+    assert all(v > 0 for v in a["train/loss"].values())  # the teacher's 2 steps differ from the student's 1
+    for step in range(1, 7):
+        assert b["train/loss"][step] == pytest.approx(a["train/loss"][step], abs=1e-5), step
+    # End of each round: the EMA student sampled at its step count, scored by the evaluator.
+    assert a["eval/sampling_steps"] == {3: 4, 6: 2} and b["eval/sampling_steps"] == {3: 4, 6: 2}
+    for tag in ("eval/gen_ppl", "eval/sampling_tokens_per_s"):
+        assert a[tag].keys() == {3, 6} and all(math.isfinite(v) and v > 0 for v in a[tag].values()), tag
+    assert all(0 < v <= math.log(64) for v in a["eval/entropy"].values())
+
+    # The teacher of round 1 is the student's raw weights at step 3, in every later checkpoint
+    # of both runs (the split run's step 4 was saved by the first part, step 6 by the resumed one).
+    boundary = module_weights(straight / "checkpoints" / "step_00000003")
+    original = module_weights(teacher)  # the first teacher: the student started from these raw weights
+    for ckpt in (straight / "checkpoints" / "step_00000003", straight / "checkpoints" / "step_00000006",
+                 split / "checkpoints" / "step_00000004", split / "checkpoints" / "step_00000006"):
+        round_teacher = load_file(str(ckpt / "teacher.safetensors"))
+        assert round_teacher.keys() == boundary.keys()
+        for name, tensor in boundary.items():
+            torch.testing.assert_close(round_teacher[name], tensor.float(), atol=0, rtol=0)
+    assert any(not torch.equal(boundary[k], original[k]) for k in boundary)
+    for name, tensor in module_weights(straight / "checkpoints" / "step_00000006").items():
+        torch.testing.assert_close(module_weights(split / "checkpoints" / "step_00000006")[name], tensor,
+                                   atol=1e-6, rtol=0)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -180,25 +179,17 @@ class DistillTask(Task):
     def evaluate_round(self, loop, setup: Setup, round_index: int) -> None:
         """Rank 0: sample with the EMA weights at the round's step count; log speed, unigram
         entropy and (with ``--eval-model``) generative perplexity."""
-        from pgm_dist.gen_ppl import generative_perplexity, unigram_entropy
-        from pgm_dist.sampling import generate
+        from pgm_dist.gen_ppl import sample_quality
 
         if not setup.env.is_main:
             return
-        engine, state, device = loop.p.engine, loop.state, setup.device
+        engine, state = loop.p.engine, loop.state
         steps = engine.objective.sampling_steps(round_index)
-        generator = torch.Generator(device).manual_seed(self.cfg.seed * 7919 + state.step)
+        generator = torch.Generator(setup.device).manual_seed(self.cfg.seed * 7919 + state.step)
         with engine.ema.applied_to(engine.module) as model:
-            start = time.perf_counter()
-            tokens = generate(model, self.cfg.eval_samples, steps, generator=generator)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - start
-        values = {"eval/sampling_steps": steps, "eval/sampling_tokens_per_s": tokens.numel() / seconds,
-                  "eval/entropy": unigram_entropy(tokens)}
-        texts = [setup.tokenizer.decode(row.tolist()) for row in tokens]
-        if self.evaluator is not None:
-            values["eval/gen_ppl"] = generative_perplexity(self.evaluator, texts)
+            quality, texts = sample_quality(model, self.cfg.eval_samples, steps, generator, setup.tokenizer.decode,
+                                            self.evaluator)
+        values = {f"eval/{name}": value for name, value in quality.items()}
         loop.p.writer.scalars(values, state.step, state.tokens_seen)
         loop.p.writer.text("distill/sample", texts[0], state.step)
         tqdm.write(f"step {state.step}: end of round {round_index}, {steps}-step samples: "

@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     from pgm_dist.cli import HelpFormatter
     from pgm_dist.data.loader import ValidationLoader
     from pgm_dist.data.shards import DataError, DataFolder
+    from pgm_dist.gen_ppl import load_evaluator, sample_quality
     from pgm_dist.objectives import objective_for
 
     parser = argparse.ArgumentParser(prog="python -m pgm_dist.evaluate", description=__doc__,
@@ -56,9 +57,15 @@ def main(argv=None) -> int:
     parser.add_argument("--micro-batch", type=int, default=16, help="sequences per forward pass")
     parser.add_argument("--seed", type=int, default=1234, help="validation seed (noise levels, partitions)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--eval-model", default=None,
+                        help="also sample --samples sequences in --steps steps and report their unigram entropy and "
+                             "generative perplexity under this Hugging Face causal LM folder (pip install -e '.[eval]')")
+    parser.add_argument("--samples", type=int, default=16, help="sequences sampled with --eval-model")
+    parser.add_argument("--steps", type=int, default=64, help="sampling steps with --eval-model")
     args = parser.parse_args(argv)
     try:
         loaded = load_model(args.model, args.device)
+        evaluator = load_evaluator(args.eval_model, args.device) if args.eval_model else None
         trained_on = training_data_folder(loaded.info)
         if args.data is not None:
             data, origin = args.data, "--data"
@@ -87,6 +94,13 @@ def main(argv=None) -> int:
     nelbo, ppl = nelbo_and_perplexity(total)
     print(f"model {loaded.source}\ndata {folder.path} ({origin})\nvalidation tokens {int(total[1].item())}\n"
           f"NELBO {nelbo:.6f} nats/token\nperplexity {ppl:.4f}")
+    if evaluator is not None:
+        generator = torch.Generator(args.device).manual_seed(args.seed)
+        quality, _ = sample_quality(loaded.model, args.samples, args.steps, generator, loaded.tokenizer.decode,
+                                    evaluator)
+        print(f"{args.samples} samples in {args.steps} steps ({quality['sampling_tokens_per_s']:,.0f} tokens/s): "
+              f"generative perplexity {quality['gen_ppl']:.4f} under {args.eval_model}, "
+              f"unigram entropy {quality['entropy']:.4f} nats")
     return 0
 
 

@@ -6,6 +6,7 @@ generative perplexity alone would reward.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,3 +86,24 @@ def unigram_entropy(tokens: Tensor) -> float:
         p = counts[counts > 0] / row.numel()
         entropies.append(-(p * p.log()).sum().item())
     return sum(entropies) / len(entropies)
+
+
+def sample_quality(model, num: int, steps: int, generator: torch.Generator, decode,
+                   evaluator: Evaluator | None = None) -> tuple[dict[str, float], list[str]]:
+    """Sample ``num`` sequences in ``steps`` steps (``pgm_dist.sampling.generate``); returns
+    ({sampling_steps, sampling_tokens_per_s, entropy[, gen_ppl with an evaluator]}, texts).
+    decode: token ids (list) -> text."""
+    from pgm_dist.sampling import generate
+
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    tokens = generate(model, num, steps, generator=generator)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    texts = [decode(row.tolist()) for row in tokens]
+    values = {"sampling_steps": steps, "sampling_tokens_per_s": tokens.numel() / seconds,
+              "entropy": unigram_entropy(tokens)}
+    if evaluator is not None:
+        values["gen_ppl"] = generative_perplexity(evaluator, texts)
+    return values, texts

@@ -3,13 +3,16 @@ resumed in the middle of a round, and the generative-perplexity evaluator (CPU).
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from pgm_dist import distill
+from pgm_dist import distill, evaluate
+from pgm_dist.artifacts import load_model
 from pgm_dist.gen_ppl import generative_perplexity, load_evaluator, unigram_entropy
+from pgm_dist.sampling import generate
 from tests.train_helpers import module_weights, run_train, scalars
 
 transformers = pytest.importorskip("transformers", reason="the [eval] extra (transformers) is not installed")
@@ -37,35 +40,51 @@ def evaluator_dir(tmp_path_factory):
     return out
 
 
-def test_generative_perplexity_equals_transformers_loss_and_entropy_closed_form(evaluator_dir):
-    evaluator = load_evaluator(evaluator_dir)
-    assert evaluator.max_length == 8
-    # Reference: the model's own shifted cross-entropy per window of 8 ids after BOS, token-weighted.
+def reference_gen_ppl(evaluator_dir, texts: list[str]) -> float:
+    """The model's own shifted cross-entropy per window of 8 ids after BOS, token-weighted."""
     model = transformers.AutoModelForCausalLM.from_pretrained(evaluator_dir).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(evaluator_dir)
     total, count = 0.0, 0
-    for text in TEXTS:
+    for text in texts:
         ids = [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
-        assert len(ids) > 8  # several windows per text
         for start in range(0, len(ids), 8):
             window = torch.tensor(ids[start:start + 8])[None]
             if window.shape[1] > 1:
                 with torch.no_grad():
                     total += model(window, labels=window).loss.item() * (window.shape[1] - 1)
                 count += window.shape[1] - 1
-    assert generative_perplexity(evaluator, TEXTS) == pytest.approx(math.exp(total / count), rel=1e-5)
+    return math.exp(total / count)
+
+
+def test_generative_perplexity_equals_transformers_loss_and_entropy_closed_form(evaluator_dir):
+    evaluator = load_evaluator(evaluator_dir)
+    assert evaluator.max_length == 8
+    assert all(len(evaluator.tokenizer.encode(text)) > 8 for text in TEXTS)  # several windows per text
+    assert generative_perplexity(evaluator, TEXTS) == pytest.approx(reference_gen_ppl(evaluator_dir, TEXTS), rel=1e-5)
     # Entropy of each row's token frequencies: {a, a, b, b} -> log 2, {c, c, c, c} -> 0.
     assert unigram_entropy(torch.tensor([[0, 0, 1, 1], [3, 3, 3, 3]])) == pytest.approx(math.log(2) / 2)
 
 
 @pytest.fixture(scope="module")
 def teacher(data, tmp_path_factory):
-    """A pgm-tiny checkpoint trained for 3 steps (one process)."""
+    """A pgm-tiny checkpoint trained for 3 steps (one process) at a high learning rate, so that
+    its predictions are far from the zero-initialised output's uniform ones."""
     out = tmp_path_factory.mktemp("teacher")
-    run_train(["--data", str(data), "--out", str(out), "--max-steps", "3", "--global-batch", "4",
+    run_train(["--data", str(data), "--out", str(out), "--max-steps", "3", "--lr", "1e-2", "--warmup-steps", "0",
+               "--global-batch", "4",
                "--micro-batch", "4", "--eval-every", "0", "--ckpt-every", "0", "--eval-batches", "1",
                "--sample-steps", "2", "--num-samples", "1"], launcher=False)
     return out / "checkpoints" / "step_00000003"
+
+
+def test_evaluate_cli_scores_samples_under_the_eval_model(data, teacher, evaluator_dir, capsys):
+    assert evaluate.main(["--model", str(teacher), "--data", str(data), "--batches", "1", "--eval-model",
+                          str(evaluator_dir), "--samples", "2", "--steps", "4", "--seed", "5"]) == 0
+    reported = float(re.search(r"generative perplexity ([0-9.]+)", capsys.readouterr().out).group(1))
+    loaded = load_model(teacher)
+    tokens = generate(loaded.model, 2, 4, generator=torch.Generator().manual_seed(5))
+    texts = [loaded.tokenizer.decode(row.tolist()) for row in tokens]
+    assert reported == pytest.approx(reference_gen_ppl(evaluator_dir, texts), abs=1e-4)
 
 
 def test_user_errors_are_clear_before_distributed_work(data, teacher, tmp_path, capsys):
@@ -90,7 +109,7 @@ def test_two_rounds_resume_mid_round_two_with_the_round_two_teacher(data, teache
               "--start-steps", "8", "--round-steps", "3", "--rounds", "2", "--min-steps", "2",
               "--global-batch", "4", "--micro-batch", "2", "--log-every", "1", "--eval-every", "0",
               "--ckpt-every", "3", "--eval-batches", "1", "--sample-steps", "2", "--num-samples", "1",
-              "--eval-samples", "2", "--eval-model", str(evaluator_dir)]
+              "--eval-samples", "2", "--eval-model", str(evaluator_dir), "--lr", "1e-2", "--warmup-steps", "0"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_train([*common, "--out", str(straight)], ranks=2, script="pgm_dist/distill.py")
     run_train([*common, "--out", str(split), "--max-steps", "4"], ranks=2, script="pgm_dist/distill.py")
@@ -101,7 +120,11 @@ def test_two_rounds_resume_mid_round_two_with_the_round_two_teacher(data, teache
     assert a["distill/round"] == {1: 0, 2: 0, 3: 0, 4: 1, 5: 1, 6: 1}
     assert a["distill/sampling_steps"] == {1: 4, 2: 4, 3: 4, 4: 2, 5: 2, 6: 2}
     assert a["distill/loss"] == a["train/loss"]
-    assert all(v > 0 for v in a["train/loss"].values())  # the teacher's 2 steps differ from the student's 1
+    # The first step of each round starts with teacher == student (a small loss: one step of 2 dt
+    # against two of dt); the later ones, at --lr 1e-2, are far apart: a wrong teacher or dt after
+    # the resume would show at 1e-5.
+    loss = a["train/loss"]
+    assert max(loss[1], loss[4]) < 1e-3 and min(loss[2], loss[3], loss[5], loss[6]) > 1e-2, loss
     for step in range(1, 7):
         assert b["train/loss"][step] == pytest.approx(a["train/loss"][step], abs=1e-5), step
     # End of each round: the EMA student sampled at its step count, scored by the evaluator.

@@ -3,9 +3,11 @@
     python launcher/submit.py --nodes 8 [options] [-- training options]
     python launcher/submit.py --nodes 4-8 --time 24:00:00 -- --model pgm-6-6-d1024 --data /shared/owt
     python launcher/submit.py --local --gpus-per-node 0 --tasks-per-node 2 -- --max-steps 50
+    python launcher/submit.py --nodes 2 --entry distill -- --teacher runs/default
 
-Every task of the job runs the training entry point in-process (one task per GPU, no
-``deepspeed`` launcher), with the same options, in JOB_DIR/train, with ``--resume auto``.
+Every task of the job runs the training entry point (``--entry distill``: distillation's)
+in-process (one task per GPU, no ``deepspeed`` launcher), with the same options, in
+JOB_DIR/train, with ``--resume auto``.
 The job saves and requeues itself on preemption (SIGUSR2) and before its time limit;
 ``pgm_dist/slurm_job.py`` explains how. Every error a user can cause is reported here,
 before anything is submitted.

@@ -14,17 +14,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pgm_dist import distillation
-from pgm_dist.distillation import DistillConfig, prepare_distillation
-from pgm_dist.train_config import parse_train_config
+from pgm_dist.distillation import parse_distill_config, prepare_distillation
 from pgm_dist.training import launch
 
 
 def main(argv=None) -> int:
-    cfg = parse_train_config(argv, DistillConfig, prog="deepspeed pgm_dist/distill.py",
-                             description="Distil a trained model with SDTT (self-distillation through time).",
-                             epilog=distillation.__doc__)
-    return launch(cfg, prepare_distillation)
+    return launch(parse_distill_config(argv), prepare_distillation)
 
 
 if __name__ == "__main__":

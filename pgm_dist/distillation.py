@@ -29,7 +29,7 @@ from pgm_dist.checkpoint import EMA_FILE, STATE_FILE
 from pgm_dist.config import ModelConfig
 from pgm_dist.distributed import DistEnv
 from pgm_dist.sdtt import DIVERGENCES, TEACHER_SOURCES, SDTTConfig, SDTTObjective
-from pgm_dist.train_config import ConfigError, TrainConfig, _opt
+from pgm_dist.train_config import ConfigError, TrainConfig, _opt, parse_train_config
 from pgm_dist.training import Setup, Task, prepare
 
 DEFAULT_TEACHER = Path("runs/default")
@@ -84,6 +84,13 @@ class DistillConfig(TrainConfig):
     def sdtt(self) -> SDTTConfig:
         return SDTTConfig(self.start_steps, self.teacher_steps, self.round_steps, self.rounds, self.min_steps,
                           self.divergence, self.teacher_source, self.t_min)
+
+
+def parse_distill_config(argv: list[str] | None = None) -> DistillConfig:
+    """``pgm_dist/distill.py``'s options (also the launcher's ``--entry distill``); argparse errors exit 2."""
+    return parse_train_config(argv, DistillConfig, prog="deepspeed pgm_dist/distill.py",
+                              description="Distil a trained model with SDTT (self-distillation through time).",
+                              epilog=__doc__)
 
 
 @dataclass

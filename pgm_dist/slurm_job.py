@@ -46,7 +46,7 @@ SLURM_EARLY_WARNING_S = 60
 
 @dataclass(frozen=True)
 class Entry:
-    """One training entry point the launcher can run; stage 6 adds ``distill``."""
+    """One entry point the launcher can run (``--entry``): training or distillation."""
     parse: Callable  # argv -> config (argparse errors exit with status 2)
     check: Callable  # (config, world sizes the job may get, device) -> None; raises USER_ERRORS
     prepare: Callable  # config -> Setup of this process (raises USER_ERRORS)
@@ -54,10 +54,18 @@ class Entry:
 
 
 def entries() -> dict[str, Entry]:
+    """``--entry`` name -> Entry: ``train`` (``pgm_dist/train.py``), ``distill`` (``pgm_dist/distill.py``)."""
+    from pgm_dist.distillation import find_teacher, parse_distill_config, prepare_distillation
     from pgm_dist.train_config import parse_train_config
     from pgm_dist.training import check_before_launch, prepare_process, run
 
-    return {"train": Entry(parse_train_config, check_before_launch, prepare_process, run)}
+    def check_distillation(cfg, world_sizes: list[int], device) -> None:
+        find_teacher(cfg.teacher)  # the rest of the teacher's checks need its data, read in the job
+        check_before_launch(cfg, world_sizes, device)
+
+    return {"train": Entry(parse_train_config, check_before_launch, prepare_process, run),
+            "distill": Entry(parse_distill_config, check_distillation,
+                             lambda cfg: prepare_process(cfg, prepare_distillation), run)}
 
 
 def slurm_seconds(text: str) -> int | None:

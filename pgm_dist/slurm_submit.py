@@ -5,6 +5,7 @@ The in-job half is :mod:`pgm_dist.slurm_job`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import shlex
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pgm_dist.slurm_job import JobTask, slurm_seconds
+from pgm_dist.slurm_job import JobTask, entries, slurm_seconds
 
 
 class LaunchError(ValueError):
@@ -82,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--name", default="pgm", help="job name (default: pgm)")
     add("--job-dir", type=Path, default=None,
         help="submitit logs (JOB_DIR/logs) and the training output (JOB_DIR/train) (default: runs/NAME)")
-    add("--entry", default="train", choices=("train",), help="what the job runs (default: train)")
+    add("--entry", default="train", choices=tuple(entries()),
+        help="what the job runs: train (pgm_dist/train.py's options after --) or distill (pgm_dist/distill.py's) "
+             "(default: train)")
     add("--dry-run", action="store_true", help="print the sbatch script and the training options; submit nothing")
     add("--local", action="store_true",
         help="run the job as processes on this machine (submitit's LocalExecutor) and wait for it")
@@ -122,7 +125,8 @@ def world_sizes(args: argparse.Namespace) -> list[int]:
 
 def job_argv(args: argparse.Namespace, cfg) -> tuple[str, ...]:
     """The training options every (re)start runs with: the user's, in the job's output folder, resuming."""
-    if cfg.out != "runs/default" or cfg.resume != "auto":
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}  # the entry's own (train: runs/default)
+    if cfg.out != defaults["out"] or cfg.resume != "auto":
         raise LaunchError("the launcher sets --out to JOB_DIR/train and always resumes from there "
                           "(--resume auto): choose the folder with --job-dir, and a new one for a fresh run")
     return ("--no-progress", *args.train_argv, "--out", str((args.job_dir / "train").absolute()), "--resume", "auto")

@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from submitit.core.utils import DelayedSubmission
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.slurm_cluster import SlurmCluster, missing
-from tests.train_helpers import REPO, scalar_events, scalars
+from tests.train_helpers import REPO, module_weights, scalar_events, scalars
 
 STEPS = 30
 TRAIN = ["--max-steps", str(STEPS), "--global-batch", "8", "--micro-batch", "4", "--log-every", "1",
@@ -103,6 +105,37 @@ def test_two_node_job_trains_on_two_slurm_nodes(cluster, reference):
         log = (job_dir / "logs" / f"{job}_{rank}_log.out").read_text()
         assert f"node={rank}(2), global_rank={rank}(2)" in log
     assert start_texts(out / "tb") == [f"job {job} on n1,n2: world size 2, restart 0, step 0"]
+
+
+def test_distill_entry_runs_two_rounds_on_two_slurm_nodes(cluster, reference, data, tmp_path, capsys, monkeypatch):
+    """``--entry distill`` distils the reference run (the teacher) for two rounds of 2 steps; the
+    dry run prints the options every (re)start gets and submits nothing."""
+    distill = ["--teacher", str(reference[1] / "train"), "--data", str(data), "--start-steps", "8",
+               "--round-steps", "2", "--rounds", "2", "--min-steps", "2", "--global-batch", "4", "--micro-batch", "2",
+               "--log-every", "1", "--eval-every", "0", "--ckpt-every", "2", "--eval-batches", "1",
+               "--sample-steps", "2", "--num-samples", "1", "--eval-samples", "1", "--lr", "1e-2", "--warmup-steps", "0"]
+    args = ["--nodes", "2", *CPU_NODES, "--time", "60", "--job-dir", str(tmp_path), "--entry", "distill"]
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    before = cluster.job_ids()
+    assert _submit_main()([*args, "--dry-run", "--", *distill]) == 0
+    assert f"#   --no-progress {' '.join(distill)} --out {tmp_path / 'train'} --resume auto\n" in capsys.readouterr().out
+    assert cluster.job_ids() == before
+
+    job = submit([*args, "--", *distill], cluster)
+    assert cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300) == "COMPLETED"
+    out = tmp_path / "train"
+    values = scalars(out / "tb")
+    assert values["distill/round"] == {step: (step - 1) // 2 for step in range(1, 5)}
+    assert values["distill/sampling_steps"] == {1: 4, 2: 4, 3: 2, 4: 2}
+    assert values["run/world_size"][4] == 2
+    # The round-1 teacher, saved with the last checkpoint, is the student's raw weights at step 2.
+    boundary = module_weights(out / "checkpoints" / "step_00000002")
+    final = out / "checkpoints" / "step_00000004"
+    assert (final / "COMPLETE").exists()
+    teacher = load_file(str(final / "teacher.safetensors"))
+    assert teacher.keys() == boundary.keys()
+    for name, tensor in boundary.items():
+        torch.testing.assert_close(teacher[name], tensor.float(), atol=0, rtol=0)
 
 
 def test_preemption_saves_requeues_and_resumes_exactly(cluster, reference, data, tmp_path):
@@ -207,6 +240,8 @@ BAD_INPUTS = [
     (["--nodes", "2-3", "--", "--global-batch", "8", "--micro-batch", "4"], "allows world sizes 1, 2; the job may get 2, 3"),
     (["--", "--ds_config", "ds_configs/zero3.json"], "ZeRO-3 is not supported"),
     (["--", "--out", "elsewhere"], "the launcher sets --out"),
+    (["--entry", "distill", "--", "--teacher", "/nonexistent"], "--teacher: /nonexistent is neither an export"),
+    (["--entry", "distill", "--", "--out", "runs/default"], "the launcher sets --out"),  # not distill's default
 ]
 
 

@@ -61,6 +61,10 @@ class DistillConfig(TrainConfig):
                                      "MSE of log-probabilities, total variation", choices=tuple(DIVERGENCES))
     teacher_source: str = _opt("raw", "the student weights that become the next teacher", choices=TEACHER_SOURCES)
     t_min: float = _opt(1e-5, "smallest noise level t drawn")
+    reset_optimizer: bool = _opt(False, "at each round's start, restart Adam (moments and step count, as a fresh "
+                                        "optimizer; the learning-rate schedule goes on); default: it continues")
+    reset_ema: bool = _opt(False, "at each round's start, restart the EMA from the student's current weights, with "
+                                  "its warm-up; default: it continues")
     eval_model: str | None = _opt(None, "a Hugging Face causal LM folder (pip install -e '.[eval]'): generative "
                                         "perplexity of the samples drawn at the end of each round")
     eval_samples: int = _opt(8, "sequences sampled with the EMA weights at the end of each round")
@@ -149,6 +153,28 @@ def student_weights(engine, source: str) -> dict[str, torch.Tensor]:
     return weights
 
 
+def adam_state(engine) -> dict:
+    """The torch optimizer's per-parameter state under DeepSpeed's wrappers (ZeRO 1/2/3 and the
+    bf16 optimizer keep the AdamW, over their flat fp32 partitions, as ``.optimizer``)."""
+    optimizer = engine.ds.optimizer
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer.state
+
+
+@torch.no_grad()
+def reset_adam(engine) -> None:
+    """Zero Adam's moments and step counts in place: the next step is a fresh optimizer's first
+    (bias corrections included). In place rather than clearing ``state``, so that a checkpoint
+    saved right after still has the layout ZeRO's (and the universal) loader expects."""
+    for state in adam_state(engine).values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            else:
+                state[key] = type(value)(0)
+
+
 class DistillTask(Task):
     """The student from the teacher's weights, the SDTT objective, and the round hooks."""
 
@@ -173,7 +199,15 @@ class DistillTask(Task):
             if not objective.round_ends_at(step):
                 return
             self.evaluate_round(loop, setup, objective.round)
-            if objective.maybe_advance(step, lambda source: student_weights(engine, source)) and setup.env.is_main:
+            if not objective.maybe_advance(step, lambda source: student_weights(engine, source)):
+                return
+            # Here and only here: the step's checkpoint (saved after this hook) holds the reset state and
+            # the new round, so a resumed run never crosses this boundary again.
+            if self.cfg.reset_optimizer:
+                reset_adam(engine)
+            if self.cfg.reset_ema:
+                engine.ema.reset(engine.module)
+            if setup.env.is_main:
                 tqdm.write(f"step {step}: round {objective.round} starts, teacher <- student "
                            f"({self.cfg.teacher_source} weights), the student now learns "
                            f"{objective.sampling_steps()}-step sampling")

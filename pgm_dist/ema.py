@@ -16,6 +16,13 @@ class EMA:
         self.updates = 0
         self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
 
+    @torch.no_grad()
+    def reset(self, model: nn.Module) -> None:
+        """Restart from ``model``'s current weights, warm-up included (as a new EMA would)."""
+        for name, p in model.named_parameters():
+            self.shadow[name].copy_(p.detach())
+        self.updates = 0
+
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 

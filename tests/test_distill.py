@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from pgm_dist import distill, evaluate
 from pgm_dist.artifacts import load_model
+from pgm_dist.checkpoint import load_ema_weights
 from pgm_dist.gen_ppl import generative_perplexity, load_evaluator, unigram_entropy
 from pgm_dist.sampling import generate
 from tests.train_helpers import module_weights, run_train, scalars
@@ -102,6 +103,16 @@ def test_user_errors_are_clear_before_distributed_work(data, teacher, tmp_path, 
     assert "power of two times the teacher steps" in capsys.readouterr().err
 
 
+def adam_states(checkpoint) -> list[dict]:
+    """Adam's per-parameter states (``step``, ``exp_avg``, ``exp_avg_sq``) of every rank's ZeRO shard."""
+    states = []
+    for shard in sorted(checkpoint.glob("*optim_states.pt")):
+        saved = torch.load(shard, map_location="cpu", weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
+        states += list(saved["state"].values()) if isinstance(saved, dict) else list(saved)
+    assert states, checkpoint
+    return states
+
+
 def test_two_rounds_resume_mid_round_two_with_the_round_two_teacher(data, teacher, evaluator_dir, tmp_path):
     """2 ranks, ZeRO-2, fp32: round 0 = steps 1-3 (4-step students), round 1 = steps 4-6 (2-step).
     The split run stops after step 4 and resumes; losses, teacher and weights match the straight run."""
@@ -144,6 +155,49 @@ def test_two_rounds_resume_mid_round_two_with_the_round_two_teacher(data, teache
         for name, tensor in boundary.items():
             torch.testing.assert_close(round_teacher[name], tensor.float(), atol=0, rtol=0)
     assert any(not torch.equal(boundary[k], original[k]) for k in boundary)
+    # Without --reset-optimizer / --reset-ema both continue across the boundary.
+    assert all(int(state["step"]) == 3 and state["exp_avg"].abs().sum() > 0
+               for state in adam_states(straight / "checkpoints" / "step_00000003"))
+    assert torch.load(straight / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt",
+                      weights_only=False)["ema_updates"] == 3
     for name, tensor in module_weights(straight / "checkpoints" / "step_00000006").items():
         torch.testing.assert_close(module_weights(split / "checkpoints" / "step_00000006")[name], tensor,
                                    atol=1e-6, rtol=0)
+
+
+def test_reset_optimizer_and_ema_at_the_boundary_then_an_elastic_resume(data, teacher, tmp_path):
+    """ZeRO-1, --reset-optimizer --reset-ema. One process runs round 0 (steps 1-3) and stops at
+    the boundary: its step-3 checkpoint holds a fresh Adam and an EMA equal to the student. The
+    run resumes on 2 ranks (a universal checkpoint: another world size) to step 6: the teacher
+    is still the step-3 student, and Adam and the EMA counted 3 steps since the boundary (the
+    resumed run did not reset them again)."""
+    out = tmp_path / "run"
+    args = ["--ds_config", "ds_configs/zero1.json", "--teacher", str(teacher), "--data", str(data), "--out", str(out),
+            "--start-steps", "8", "--round-steps", "3", "--rounds", "2", "--min-steps", "2", "--global-batch", "4",
+            "--micro-batch", "2", "--log-every", "1", "--eval-every", "0", "--ckpt-every", "3", "--eval-batches", "1",
+            "--sample-steps", "2", "--num-samples", "1", "--eval-samples", "1", "--lr", "1e-2", "--warmup-steps", "0",
+            "--reset-optimizer", "--reset-ema"]
+    run_train([*args, "--max-steps", "3"], launcher=False, script="pgm_dist/distill.py")
+    resumed = run_train(args, ranks=2, script="pgm_dist/distill.py")
+    assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
+
+    boundary = out / "checkpoints" / "step_00000003"
+    assert all(int(state["step"]) == 0 and state["exp_avg"].abs().sum() == 0 and state["exp_avg_sq"].abs().sum() == 0
+               for state in adam_states(boundary))
+    student = module_weights(boundary)
+    ema = load_ema_weights(boundary)
+    for name, tensor in student.items():
+        torch.testing.assert_close(ema[name], tensor.float(), atol=0, rtol=0)
+    assert torch.load(boundary / "mp_rank_00_model_states.pt", weights_only=False)["ema_updates"] == 0
+
+    end = out / "checkpoints" / "step_00000006"
+    assert len(list(end.glob("*optim_states.pt"))) == 2  # saved by the 2-rank run
+    assert all(int(state["step"]) == 3 for state in adam_states(end))
+    assert torch.load(end / "mp_rank_00_model_states.pt", weights_only=False)["ema_updates"] == 3
+    round_teacher = load_file(str(end / "teacher.safetensors"))
+    for name, tensor in student.items():
+        torch.testing.assert_close(round_teacher[name], tensor.float(), atol=0, rtol=0)
+    losses = scalars(out / "tb")["train/loss"]
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for v in losses.values()), losses
+    # Round 1's first step starts at teacher == student: small, as in the straight run; then they part.
+    assert losses[4] < 1e-3 < min(losses[5], losses[6]), losses

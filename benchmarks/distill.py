@@ -1,7 +1,7 @@
 """Teacher vs SDTT student: generative perplexity, unigram entropy and sampling speed per
 step count, measured in one run on the built-in corpus.
 
-1. builds the built-in corpus (cached by the builder), trains a teacher for ``--teacher-steps``
+1. builds the built-in corpus (cached by the builder), trains a teacher for ``--teacher-train-steps``
    (``pgm_dist/train.py``) and distils it for ``--rounds`` rounds from ``--start-steps K``
    (``pgm_dist/distill.py``, 2 teacher steps per student step: the final student samples in
    K / 2^rounds steps);

@@ -1,6 +1,7 @@
 """The one training engine: a DeepSpeed ZeRO engine, its optimizer and schedule, the EMA,
 and the step logic. It knows nothing of what is being trained: any objective with
-``loss(model, tokens, t, generator)`` and ``nelbo(...)`` (PGM, MDLM, later SDTT) runs on it.
+``loss(model, tokens, t, generator)``, ``nelbo(...)`` and ``t_min`` (the floor of the noise
+levels it draws) runs on it: PGM, MDLM, SDTT.
 """
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ steps of size ``dt``. Rounds: every ``round_steps`` optimizer steps the student'
 weights become the teacher and ``dt`` doubles, halving the student's sampling steps.
 
 The objective has the engine's interface (``loss``, ``nelbo``, ``t_min``,
-``state_dict``/``load_state_dict``); the training loop drives the rounds with
-:meth:`SDTTObjective.maybe_advance` after every optimizer step (see its docstring).
+``state_dict``/``load_state_dict``); distillation's step hook (``pgm_dist/distillation.py``,
+called by the training loop after every optimizer step) drives the rounds with
+:meth:`SDTTObjective.maybe_advance` (see its docstring).
 """
 from __future__ import annotations
 
@@ -220,12 +221,12 @@ class SDTTObjective:
         """At the end of a round that is not the last, start the next one: the student's
         weights become the teacher, ``dt`` doubles. Returns whether it did.
 
-        Call after every optimizer step with the completed step count, before any
-        checkpoint of that step, and once after a restore (a no-op when the checkpoint
-        already holds the new round). ``student_weights(source)`` returns the student's
-        fp32 weights by parameter name, for ``source`` = ``config.teacher_source``
-        (``raw``: the fp32 master weights, gathered under ZeRO-3; ``ema``: the EMA shadow);
-        it is called only at a round boundary.
+        Call after an optimizer step with the completed step count, before any checkpoint
+        of that step: a checkpoint of a boundary step then already holds the new round, so
+        a restored run never crosses that boundary again. ``student_weights(source)``
+        returns the student's fp32 weights by parameter name, for ``source`` =
+        ``config.teacher_source`` (``raw``: the fp32 master weights, gathered from the ZeRO
+        partitions; ``ema``: the EMA shadow); it is called only at a round boundary.
         """
         if not self.round_ends_at(step) or self.round + 1 >= self.num_rounds:
             return False

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
-
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from pgm_dist.checkpoint import Checkpointer, load_ema_weights
 from pgm_dist.distributed import all_gather_objects, all_reduce

@@ -1,8 +1,8 @@
 """Training composition shared by every entry point: ``deepspeed pgm_dist/train.py``,
 ``deepspeed pgm_dist/distill.py`` (its own :class:`Task` and ``prepare``) and the SLURM
-launcher's in-job task (``launcher/submit.py``) all end in :func:`prepare_process` then
-:func:`run`. Every error a user can cause is raised by ``prepare`` before any distributed
-work starts.
+launcher's in-job task (:class:`pgm_dist.slurm_job.JobTask`, submitted by
+``launcher/submit.py``) all end in :func:`prepare_process` then :func:`run`. Every error a
+user can cause is raised by ``prepare`` before any distributed work starts.
 """
 from __future__ import annotations
 

@@ -174,7 +174,11 @@ def test_time_limit_on_a_drained_node_requeues_and_finishes_on_one_node(cluster,
         deadline = time.monotonic() + 120
         while cluster.job_field(job, "Restarts") == "0" and time.monotonic() < deadline:
             time.sleep(0.5)
-        cluster.run("scontrol", "update", f"jobid={job}", "timelimit=10")
+        # While the requeue is in progress SLURM refuses updates of the job for a moment: retry.
+        deadline = time.monotonic() + 60
+        while cluster.run("scontrol", "update", f"jobid={job}", "timelimit=10", check=False).returncode:
+            assert time.monotonic() < deadline, cluster.job_field(job, "JobState")
+            time.sleep(0.5)
         assert cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300) == "COMPLETED"
     finally:
         cluster.run("scontrol", "update", "nodename=n2", "state=resume")

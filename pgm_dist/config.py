@@ -91,4 +91,10 @@ PRESETS: dict[str, dict] = {
     "pgm-6-6-d1024": dict(arch="pgm", n_enc=6, n_dec=6, d_model=1024, n_heads=16),
     "mdlm-tiny": dict(arch="mdlm", n_enc=4, n_dec=0, d_model=128, n_heads=2),
     "mdlm-small": dict(arch="mdlm", n_enc=12, n_dec=0, d_model=768, n_heads=12),
+    # Scale-out presets (ZeRO-2/3, see `python -m pgm_dist.memory`); each MDLM twin has the same
+    # width and total depth: ~430M (GPT-2 medium's shape) and ~1.1B parameters at V 50,258.
+    "pgm-medium": dict(arch="pgm", n_enc=12, n_dec=12, d_model=1024, n_heads=16),
+    "mdlm-medium": dict(arch="mdlm", n_enc=24, n_dec=0, d_model=1024, n_heads=16),
+    "pgm-1b": dict(arch="pgm", n_enc=16, n_dec=16, d_model=1536, n_heads=24),
+    "mdlm-1b": dict(arch="mdlm", n_enc=32, n_dec=0, d_model=1536, n_heads=24),
 }

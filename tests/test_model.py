@@ -146,7 +146,8 @@ def _expected_parameters(c: ModelConfig) -> int:
 
 @pytest.mark.parametrize("preset,millions", [
     ("pgm-tiny", 14.2), ("pgm-small", 171.9), ("pgm-8-8", 202.6), ("pgm-6-6-d1024", 268.0),
-    ("mdlm-tiny", 14.1), ("mdlm-small", 169.6),
+    ("mdlm-tiny", 14.1), ("mdlm-small", 169.6), ("pgm-medium", 428.6), ("mdlm-medium", 424.4),
+    ("pgm-1b", 1108.6), ("mdlm-1b", 1099.1),
 ])
 def test_parameter_counts_are_exact_and_match_the_paper(preset, millions):
     """Exact against the formula; to 0.1M against the README table (the paper's 172M, 203M,

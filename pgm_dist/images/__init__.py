@@ -1,0 +1,1 @@
+"""Images: the VQ tokenizer, Halton-order sampling with guidance, pictures and their evaluation."""

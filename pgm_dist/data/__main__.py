@@ -1,4 +1,5 @@
-"""``python -m pgm_dist.data build --out DIR [...]``: build tokenized WebDataset shards."""
+"""``python -m pgm_dist.data build --out DIR [...]``: build tokenized WebDataset shards;
+``python -m pgm_dist.data build-images --digits | --vq PATH --input FOLDER --out DIR``: image shards."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from pgm_dist.cli import HelpFormatter
 from pgm_dist.data.builder import AUTO_MIN_TRAIN_SHARDS, DEFAULT_SAMPLES_PER_SHARD, BuildSettings, build
+from pgm_dist.data.images import add_build_images_parser, build_images_command
 
 
 def main(argv=None) -> int:
@@ -33,8 +35,12 @@ def main(argv=None) -> int:
                    help="sentencepiece model type when training one")
     b.add_argument("--workers", type=int, default=defaults.workers, help="tokenizer processes")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_build_images_parser(commands)
     args = parser.parse_args(argv)
     try:
+        if args.command == "build-images":
+            build_images_command(args)
+            return 0
         settings = BuildSettings(vocab_size=args.vocab_size, seq_len=args.seq_len, val_fraction=args.val_fraction,
                                  samples_per_shard=args.samples_per_shard, tokenizer=args.tokenizer,
                                  workers=args.workers, model_type=args.model_type)

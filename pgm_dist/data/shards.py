@@ -1,7 +1,8 @@
 """The shard format: WebDataset tars of ``{__key__, tokens.npy}`` samples plus ``meta.json``.
 
-Tokens are stored as ``.npy`` (uint16 when the vocabulary fits, else int32) and are
-always read with ``allow_pickle=False``; no pickle-based member is ever decoded.
+Image shards add ``label.npy`` (an int64 scalar, the class) to every sample. Tokens are
+stored as ``.npy`` (uint16 when the vocabulary fits, else int32) and every member is
+read with ``allow_pickle=False``; no pickle-based member is ever decoded.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from braceexpand import braceexpand
 BUILDER_VERSION = 1
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.model"
+VQ_FILE = "vq.safetensors"  # an image folder's VQ tokenizer weights (its config is in meta.json)
 SAMPLE_SUFFIX = ".tokens.npy"
+LABEL_SUFFIX = ".label.npy"
 
 
 class DataError(ValueError):
@@ -45,34 +48,59 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray]]) -> int:
+def write_shard(path: Path, samples: Iterable[tuple[str, np.ndarray] | tuple[str, np.ndarray, int]]) -> int:
     """Write a tar shard atomically (``.tmp`` then rename): a half-written shard never
-    carries the final name. Returns the number of samples written."""
+    carries the final name. Samples are ``(key, tokens)``, or ``(key, tokens, label)`` for
+    images. Returns the number of samples written."""
     tmp = path.with_name(path.name + ".tmp")
     count = 0
     with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0.0) as writer:
-        for key, tokens in samples:
-            writer.write({"__key__": key, "tokens.npy": _npy_bytes(tokens)})
+        for key, tokens, *label in samples:
+            sample = {"__key__": key, "tokens.npy": _npy_bytes(tokens)}
+            if label:
+                sample["label.npy"] = _npy_bytes(np.asarray(label[0], dtype=np.int64))
+            writer.write(sample)
             count += 1
     os.replace(tmp, path)
     return count
 
 
-def iter_shard(url: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, tokens) of every sample of one shard: a local path, ``pipe:`` command or URL.
+def _sample(key: str, fields: dict[str, np.ndarray], labels: bool) -> tuple:
+    if SAMPLE_SUFFIX not in fields:
+        raise ValueError(f"sample {key} has no tokens.npy")
+    if not labels:
+        return key, fields[SAMPLE_SUFFIX]
+    label = fields.get(LABEL_SUFFIX)
+    if label is None or label.shape != () or label.dtype.kind not in "iu":
+        raise ValueError(f"sample {key} has no integer label.npy scalar: not an image shard")
+    return key, fields[SAMPLE_SUFFIX], int(label)
+
+
+def iter_shard(url: str, *, labels: bool = False) -> Iterator[tuple[str, np.ndarray] | tuple[str, np.ndarray, int]]:
+    """(key, tokens) of every sample of one shard: a local path, ``pipe:`` command or URL;
+    ``(key, tokens, label)`` with ``labels`` (image shards).
 
     Raises ``tarfile.TarError``, ``EOFError`` or ``ValueError`` on a corrupt shard.
     """
+    wanted = (SAMPLE_SUFFIX, LABEL_SUFFIX) if labels else (SAMPLE_SUFFIX,)
+    key, fields = None, {}
     with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
         for member in tar:
-            if not member.isfile():
-                continue
-            if not member.name.endswith(SAMPLE_SUFFIX):
+            suffix = next((s for s in wanted if member.name.endswith(s)), None)
+            if not member.isfile() or suffix is None:
                 continue  # other members (never pickles) are not ours to decode
             data = tar.extractfile(member).read()
             if len(data) != member.size:
                 raise EOFError(f"truncated member {member.name}")
-            yield member.name[: -len(SAMPLE_SUFFIX)], np.load(io.BytesIO(data), allow_pickle=False)
+            # A sample's members are adjacent in a WebDataset tar: a new key ends the last sample.
+            member_key = member.name[: -len(suffix)]
+            if member_key != key:
+                if key is not None:
+                    yield _sample(key, fields, labels)
+                key, fields = member_key, {}
+            fields[suffix] = np.load(io.BytesIO(data), allow_pickle=False)
+    if key is not None:
+        yield _sample(key, fields, labels)
 
 
 def expand_sources(sources: str | list[str]) -> list[str]:
@@ -121,6 +149,9 @@ class DatasetMeta:
     sources: list = field(default_factory=list)
     settings_fingerprint: str = ""
     builder_version: int = BUILDER_VERSION
+    # Image folders only: {"grid": [H, W], "codebook_size": K, "num_classes": C, "class_names": [...],
+    # "source": "digits" | "vq", "vq": VQConfig fields | None}; tokens are [BOS=K, row-major grid].
+    image: dict | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,9 +181,28 @@ class DatasetMeta:
                             f"expects {vocab_size}: use the tokenizer the shards were built with")
 
 
+def reuse_or_reset(out: Path, fingerprint: str, log=print) -> DatasetMeta | None:
+    """A builder's start: the finished folder's metadata when it was built with ``fingerprint``,
+    else None after emptying ``out`` of meta.json (the folder is unfinished from here on), shards
+    and a VQ file, so that nothing of an older build survives beside the new one."""
+    if (out / META_FILE).is_file():
+        meta = DatasetMeta.load(out)
+        if meta.settings_fingerprint == fingerprint:
+            log(f"{out} is up to date ({meta.train.shards} train / {meta.val.shards} val shards); reusing it")
+            return meta
+        log(f"{out} was built from other inputs or settings; rebuilding it")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META_FILE).unlink(missing_ok=True)
+    for old in list(out.glob("train-*.tar")) + list(out.glob("val-*.tar")) + list(out.glob("*.tar.tmp")):
+        old.unlink()
+    (out / VQ_FILE).unlink(missing_ok=True)
+    return None
+
+
 @dataclass
 class DataFolder:
-    """A finished data folder: ``meta.json``, ``tokenizer.model``, train and val shards."""
+    """A finished data folder: ``meta.json``, train and val shards, and ``tokenizer.model``
+    (text) or, for VQ image tokens, ``vq.safetensors``."""
 
     path: Path
     meta: DatasetMeta
@@ -165,15 +215,26 @@ class DataFolder:
             raise DataError(f"data folder {path} does not exist: build it with "
                             f"`python -m pgm_dist.data build --out {path}`")
         folder = cls(path, DatasetMeta.load(path))
-        if not (path / TOKENIZER_FILE).is_file():
-            raise DataError(f"{path / TOKENIZER_FILE} is missing: the shards cannot be decoded without the "
+        decoder = folder.vq_path if folder.is_image else folder.tokenizer_path
+        if decoder is not None and not decoder.is_file():
+            raise DataError(f"{decoder} is missing: the shards cannot be decoded without the "
                             "tokenizer they were built with; rebuild the folder")
         folder.meta.check(seq_len=seq_len, vocab_size=vocab_size)
         return folder
 
     @property
+    def is_image(self) -> bool:
+        """Image shards: the loaders yield ``(tokens, labels)`` (pass them ``labels=True``)."""
+        return self.meta.image is not None
+
+    @property
     def tokenizer_path(self) -> Path:
         return self.path / TOKENIZER_FILE
+
+    @property
+    def vq_path(self) -> Path | None:
+        """The VQ weights of a VQ image folder; None for digits (grey levels need no decoder)."""
+        return self.path / VQ_FILE if self.is_image and self.meta.image.get("vq") is not None else None
 
     @property
     def train_sources(self) -> str:

@@ -14,6 +14,10 @@ reading only the current window again. Batches come from the workers in turn
 workers so that batch ``k + 1`` comes from the right one. At another world size,
 worker count or shard count, exact continuation is impossible: the stream starts
 a fresh shuffle at the next epoch instead (nothing replayed).
+
+With ``labels=True`` (image shards, ``DataFolder.is_image``) both loaders yield
+``(tokens LongTensor[B, L], labels LongTensor[B])`` instead of the tokens alone; the order
+of samples, and so the resume state, is the same either way.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pgm_dist.data.shards import DataError, expand_sources, iter_shard
 
 Position = tuple[int, int, int]  # (epoch, window, samples consumed in the window)
+Sample = tuple[np.ndarray, int | None]  # (tokens [L], class label or None for text)
 CORRUPT_SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError)
 
 
@@ -38,23 +43,24 @@ def ignore_preemption_signals(_worker_id: int = 0) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def read_samples(url: str, seq_len: int, expected: int | None = None) -> list[np.ndarray]:
+def read_samples(url: str, seq_len: int, expected: int | None = None, labels: bool = False) -> list[Sample]:
     """All samples of one shard; raises on a corrupt shard, a sample of another length,
-    or (with ``expected``) another sample count: a tar cut at a member boundary reads
-    as a shorter, valid tar, and only the count gives it away."""
+    a missing label (with ``labels``), or (with ``expected``) another sample count: a tar
+    cut at a member boundary reads as a shorter, valid tar, and only the count gives it away."""
     samples = []
-    for key, tokens in iter_shard(url):
+    for key, tokens, *label in iter_shard(url, labels=labels):
         if tokens.shape != (seq_len,):
             raise ValueError(f"sample {key} has shape {tokens.shape}, expected ({seq_len},)")
-        samples.append(tokens)
+        samples.append((tokens, label[0] if label else None))
     if expected is not None and len(samples) != expected:
         raise ValueError(f"{len(samples)} samples where every shard holds {expected} (truncated?)")
     return samples
 
 
-def read_or_skip(url: str, seq_len: int, skipped: set[str], expected: int | None = None) -> list[np.ndarray]:
+def read_or_skip(url: str, seq_len: int, skipped: set[str], expected: int | None = None,
+                 labels: bool = False) -> list[Sample]:
     try:
-        return read_samples(url, seq_len, expected)
+        return read_samples(url, seq_len, expected, labels)
     except CORRUPT_SHARD_ERRORS as err:
         if url not in skipped:
             warnings.warn(f"skipping unreadable shard {url}: {type(err).__name__}: {err}", stacklevel=2)
@@ -62,16 +68,17 @@ def read_or_skip(url: str, seq_len: int, skipped: set[str], expected: int | None
         return []
 
 
-def _to_batch(samples: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(samples).astype(np.int64))
+def _to_batch(samples: list[Sample], labels: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.from_numpy(np.stack([t for t, _ in samples]).astype(np.int64))
+    return (tokens, torch.tensor([c for _, c in samples], dtype=torch.int64)) if labels else tokens
 
 
 class _ShardStream(IterableDataset):
     """What each DataLoader worker runs; see the module docstring."""
 
     def __init__(self, urls, seq_len, samples_per_shard, micro_batch, rank, world_size, num_workers, seed,
-                 shuffle_shards, rotation, positions):
-        self.urls, self.seq_len, self.micro_batch = urls, seq_len, micro_batch
+                 shuffle_shards, rotation, positions, labels):
+        self.urls, self.seq_len, self.micro_batch, self.labels = urls, seq_len, micro_batch, labels
         self.samples_per_shard = samples_per_shard
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.seed, self.shuffle_shards = seed, shuffle_shards
@@ -89,20 +96,21 @@ class _ShardStream(IterableDataset):
 
     def _stream(self, worker: int, position: Position):
         epoch, window, offset = position
-        pending: list[np.ndarray] = []
+        pending: list[Sample] = []
         skipped: set[str] = set()
         while True:
             shards = self.worker_shards(epoch, worker)
             windows = [shards[i:i + self.shuffle_shards] for i in range(0, len(shards), self.shuffle_shards)]
             seen = 0
             for w in range(window, len(windows)):
-                samples = [s for url in windows[w] for s in read_or_skip(url, self.seq_len, skipped, self.samples_per_shard)]
+                samples = [s for url in windows[w]
+                           for s in read_or_skip(url, self.seq_len, skipped, self.samples_per_shard, self.labels)]
                 seen += len(samples)
                 order = np.random.default_rng([self.seed, epoch, self.rank, worker, w]).permutation(len(samples))
                 for j in range(offset, len(samples)):
                     pending.append(samples[order[j]])
                     if len(pending) == self.micro_batch:
-                        yield _to_batch(pending), {"worker": worker, "position": (epoch, w, j + 1),
+                        yield _to_batch(pending, self.labels), {"worker": worker, "position": (epoch, w, j + 1),
                                                    "skipped": sorted(skipped)}
                         pending = []
                 offset = 0
@@ -112,11 +120,12 @@ class _ShardStream(IterableDataset):
 
 
 class TrainLoader:
-    """Infinite stream of ``LongTensor[micro_batch, seq_len]`` for one rank, with exact resume."""
+    """Infinite stream of ``LongTensor[micro_batch, seq_len]`` (with ``labels``: ``(tokens, labels
+    LongTensor[micro_batch])``) for one rank, with exact resume."""
 
     def __init__(self, sources: str | list[str], *, seq_len: int, micro_batch: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 1, seed: int = 0, shuffle_shards: int = 4,
-                 samples_per_shard: int | None = None, pin_memory: bool = False):
+                 samples_per_shard: int | None = None, pin_memory: bool = False, labels: bool = False):
         """``samples_per_shard`` (from ``meta.json``) lets the stream detect a shard cut short."""
         self.urls = expand_sources(sources)
         self.samples_per_shard = samples_per_shard
@@ -129,6 +138,7 @@ class TrainLoader:
         self.seq_len, self.micro_batch = seq_len, micro_batch
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.seed, self.shuffle_shards, self.pin_memory = seed, max(shuffle_shards, 1), pin_memory
+        self.labels = labels
         self.batches = 0
         self.positions: list[Position] = [(0, 0, 0)] * self.logical_workers
         self.skipped: set[str] = set()
@@ -157,10 +167,11 @@ class TrainLoader:
                       f"impossible; starting a fresh shuffle at epoch {next_epoch}", stacklevel=2)
         self.batches, self.positions = 0, [(next_epoch, 0, 0)] * self.logical_workers
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         stream = _ShardStream(self.urls, self.seq_len, self.samples_per_shard, self.micro_batch, self.rank, self.world_size,
                               self.logical_workers, self.seed, self.shuffle_shards,
-                              rotation=self.batches % self.logical_workers, positions=list(self.positions))
+                              rotation=self.batches % self.logical_workers, positions=list(self.positions),
+                              labels=self.labels)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                             worker_init_fn=ignore_preemption_signals if self.num_workers else None,
                             pin_memory=self.pin_memory)
@@ -175,27 +186,27 @@ class ValidationLoader:
     """Finite, deterministic validation batches; sample ``i`` of the split goes to rank ``i % world_size``.
 
     Every run sees the same batches; ranks never share a sample. The last batch of a
-    rank may be smaller than ``micro_batch``.
+    rank may be smaller than ``micro_batch``. With ``labels``, batches are ``(tokens, labels)``.
     """
 
     def __init__(self, sources: str | list[str], *, seq_len: int, micro_batch: int, rank: int = 0,
-                 world_size: int = 1, max_batches: int | None = None):
+                 world_size: int = 1, max_batches: int | None = None, labels: bool = False):
         self.urls = expand_sources(sources)
-        self.seq_len, self.micro_batch = seq_len, micro_batch
+        self.seq_len, self.micro_batch, self.labels = seq_len, micro_batch, labels
         self.rank, self.world_size, self.max_batches = rank, world_size, max_batches
         self.skipped: set[str] = set()
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         pending, index, produced = [], 0, 0
         for url in self.urls:
-            for tokens in read_or_skip(url, self.seq_len, self.skipped):
+            for sample in read_or_skip(url, self.seq_len, self.skipped, labels=self.labels):
                 if index % self.world_size == self.rank:
-                    pending.append(tokens)
+                    pending.append(sample)
                 index += 1
                 if len(pending) == self.micro_batch:
                     if self.max_batches is not None and produced == self.max_batches:
                         return
-                    yield _to_batch(pending)
+                    yield _to_batch(pending, self.labels)
                     pending, produced = [], produced + 1
         if pending and (self.max_batches is None or produced < self.max_batches):
-            yield _to_batch(pending)
+            yield _to_batch(pending, self.labels)

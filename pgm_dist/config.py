@@ -27,6 +27,9 @@ class ModelConfig:
     rope_base: float = 10000.0
     num_classes: int | None = None  # class-conditional adaLN (images); None = text
     attention: str = "auto"
+    # Runtime options (how, not what, is computed; a checkpoint resumes under other values):
+    loss_chunk: int = 4096  # tokens per chunk of the output projection + cross-entropy (0: all at once)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
     bos_id: int = 1
     eos_id: int = 2
     preset_name: str | None = field(default=None, compare=False)
@@ -38,6 +41,8 @@ class ModelConfig:
             raise ValueError(
                 f"unknown attention backend {self.attention!r}; valid: {', '.join(ATTENTION_BACKENDS)}"
             )
+        if self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be >= 0 tokens (0: unchunked), got {self.loss_chunk}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.head_dim % 2:

@@ -6,6 +6,9 @@ distillation loop) can drive any of them:
 - ``loss(model, tokens, t, generator) -> scalar``: the training loss of a micro-batch;
 - ``nelbo(model, tokens, t, generator) -> (sum, count)``: validation NELBO terms,
   to be summed over the split and divided by the summed count.
+
+They never see logits: the networks take ``targets=`` and return the per-token NLL
+[B, L], computed in chunks of tokens (``ModelConfig.loss_chunk``).
 """
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 T_MIN = 1e-3  # the pre-training objectives' time floor (distillation samples down to 1e-5)
@@ -75,11 +77,6 @@ def partition_groups(t: Tensor, seq_len: int, schedule: LogLinearSchedule,
     return u < (1 - schedule.alpha(t))[:, None]
 
 
-def token_nll(logits: Tensor, tokens: Tensor) -> Tensor:
-    """-log p(tokens): logits [B, L, V], tokens [B, L] -> [B, L] float32."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none").view(tokens.shape)
-
-
 def pgm_loss_terms(nll: Tensor, groups: Tensor, t: Tensor, schedule: LogLinearSchedule) -> Tensor:
     """Per-token weighted terms ``w_{g(i)} * nll_i``: [B, L]."""
     w1 = schedule.group1_weight(t)[:, None]
@@ -99,7 +96,7 @@ class PGMObjective:
 
     def _forward(self, model, tokens: Tensor, t: Tensor, generator) -> tuple[Tensor, Tensor]:
         groups = partition_groups(t, tokens.shape[1], self.schedule, generator)
-        return token_nll(model(tokens, groups), tokens), groups
+        return model(tokens, groups, targets=tokens), groups
 
     def loss(self, model, tokens: Tensor, t: Tensor, generator=None) -> Tensor:
         """``sum_i w_{g(i)} nll_i / (2 B L)``."""
@@ -133,7 +130,7 @@ class MDLMObjective:
 
     def nelbo(self, model, tokens: Tensor, t: Tensor, generator=None) -> tuple[Tensor, int]:
         noisy, masked = mask_tokens(tokens, t, self.mask_id, self.schedule, generator)
-        nll = token_nll(model(noisy), tokens)
+        nll = model(noisy, targets=tokens)
         w1 = self.schedule.group1_weight(t)[:, None]
         return (masked * w1 * nll).sum(), tokens.numel()
 

@@ -112,12 +112,13 @@ def noisy_input(tokens: Tensor, masked: Tensor, config) -> Tensor:
 
 
 def predictive_log_probs(model, noisy: Tensor, masked: Tensor, config) -> Tensor:
-    """float32 log-probs [B, L, V] over the vocabulary (MDLM's MASK column dropped).
+    """float32 log-probs [B, L, V] over the vocabulary.
 
     A PGM runs at full length with ``groups = masked``; MDLM reads the MASK ids of ``noisy``.
+    Dense, unlike the pre-training losses: the divergences need whole distributions.
     """
     logits = model(noisy, masked) if config.arch == "pgm" else model(noisy)
-    return logits[..., :config.vocab_size].float().log_softmax(-1)
+    return logits.log_softmax(-1)
 
 
 @torch.no_grad()

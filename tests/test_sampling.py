@@ -91,8 +91,7 @@ class _CountingNetwork(torch.nn.Module):
 
     def forward(self, x, labels=None):  # MDLM
         self.inputs.append(x.clone())
-        logits = self._logits((x == self.config.mask_id).sum(1), x.shape[1])
-        return torch.cat([logits, torch.full_like(logits[..., :1], float("-inf"))], dim=-1)
+        return self._logits((x == self.config.mask_id).sum(1), x.shape[1])
 
     def predict(self, clean_tokens, clean_positions, query_positions, clean_lengths=None, labels=None):  # PGM
         self.inputs.append(clean_tokens.clone())

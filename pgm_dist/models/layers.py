@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from pgm_dist.attention import AttentionMask, attend
 from pgm_dist.config import ModelConfig
@@ -149,11 +152,19 @@ class Conditioning(nn.Module):
 
 
 class OutputLayer(nn.Module):
-    """LayerNorm + adaLN modulation + an untied projection to the vocabulary, zero at init."""
+    """LayerNorm + adaLN modulation + an untied projection to the vocabulary, zero at init.
+
+    With ``targets`` it returns the per-token NLL instead of the logits, computed over
+    ``config.loss_chunk`` tokens at a time (0: all at once): each chunk's float32 logits
+    live only inside its own forward, and its backward recomputes them (non-reentrant
+    checkpoint), so memory grows with ``loss_chunk x V``, not ``B x L x V``. It stays
+    inside this module's forward because ZeRO-3 holds ``proj``'s weights only there.
+    """
 
     def __init__(self, config: ModelConfig, out_dim: int):
         super().__init__()
         d = config.d_model
+        self.loss_chunk = config.loss_chunk
         self.norm = nn.LayerNorm(d, elementwise_affine=False)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.cond_dim, 2 * d))
         self.proj = nn.Linear(d, out_dim)
@@ -161,9 +172,37 @@ class OutputLayer(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, targets: Tensor | None = None) -> Tensor:
+        """x: [B, L, d]; c: [B or 1, cond_dim]; targets: LongTensor[B, L] or None.
+
+        Returns float32 logits [B, L, out_dim] without targets, else float32 NLL [B, L] (nats).
+        """
         shift, scale = self.modulation(c)[:, None].chunk(2, dim=-1)
-        return self.proj(modulate(self.norm(x), shift, scale)).float()
+        h = modulate(self.norm(x), shift, scale)
+        if targets is None:
+            return self.proj(h).float()
+        if targets.shape != h.shape[:-1]:
+            raise ValueError(f"targets {tuple(targets.shape)} do not match the tokens {tuple(h.shape[:-1])}")
+        if not self.loss_chunk:
+            return self._nll(h, targets)
+        nll_of = partial(checkpoint, self._nll, use_reentrant=False) if torch.is_grad_enabled() else self._nll
+        parts = zip(h.flatten(0, 1).split(self.loss_chunk), targets.flatten().split(self.loss_chunk))
+        return torch.cat([nll_of(h_part, t_part) for h_part, t_part in parts]).view(targets.shape)
+
+    def _nll(self, h: Tensor, targets: Tensor) -> Tensor:
+        """-log p(targets): h [..., d], targets [...] -> float32 [...]."""
+        logits = self.proj(h).float()
+        return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
+
+
+def run_blocks(blocks: nn.ModuleList, x: Tensor, checkpointed: bool, *args, **kwargs) -> Tensor:
+    """``x = block(x, *args, **kwargs)`` for each block; with ``checkpointed``, each block
+    keeps only its input for backward and recomputes the rest there (non-reentrant,
+    RNG state kept, so dropout draws the same masks). Only where gradients are taken."""
+    checkpointed = checkpointed and torch.is_grad_enabled()
+    for block in blocks:
+        x = checkpoint(block, x, *args, use_reentrant=False, **kwargs) if checkpointed else block(x, *args, **kwargs)
+    return x
 
 
 def positions_like(tokens: Tensor) -> Tensor:
@@ -173,5 +212,5 @@ def positions_like(tokens: Tensor) -> Tensor:
 
 __all__ = [
     "Block", "Conditioning", "MultiHeadAttention", "OutputLayer", "Rotary", "apply_rotary",
-    "modulate", "positions_like", "sinusoid", "token_embedding",
+    "modulate", "positions_like", "run_blocks", "sinusoid", "token_embedding",
 ]

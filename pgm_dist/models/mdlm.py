@@ -1,12 +1,13 @@
 """MDLM baseline (section 5): one bidirectional stack over the noisy sequence."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from pgm_dist.attention import AttentionMask
 from pgm_dist.config import ModelConfig
-from pgm_dist.models.layers import Block, Conditioning, OutputLayer, Rotary, positions_like, token_embedding
+from pgm_dist.models.layers import (
+    Block, Conditioning, OutputLayer, Rotary, positions_like, run_blocks, token_embedding,
+)
 
 
 class MDLM(nn.Module):
@@ -19,17 +20,15 @@ class MDLM(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_enc))
         self.output = OutputLayer(config, config.vocab_size)
 
-    def forward(self, noisy_tokens: Tensor, labels: Tensor | None = None) -> Tensor:
-        """noisy_tokens: LongTensor[B, L] with MASK = ``config.mask_id``.
+    def forward(self, noisy_tokens: Tensor, labels: Tensor | None = None, targets: Tensor | None = None) -> Tensor:
+        """noisy_tokens: LongTensor[B, L] with MASK = ``config.mask_id``; targets: LongTensor[B, L].
 
-        Returns float32 logits [B, L, V + 1]; the last column (the MASK id) is -inf.
+        Returns float32 logits [B, L, V] over the tokenizer's vocabulary, or with
+        ``targets`` their float32 NLL [B, L]. MASK (id V) has no column: it is never a
+        target and a sampler cannot draw it.
         """
         rope = self.rotary(positions_like(noisy_tokens))
         c = self.cond(labels)
-        mask = AttentionMask.full()
-        x = self.embed(noisy_tokens)
-        for block in self.blocks:
-            x = block(x, c, rope, mask)
-        logits = self.output(x, c)
-        never_mask = torch.full_like(logits[..., :1], float("-inf"))
-        return torch.cat([logits, never_mask], dim=-1)
+        x = run_blocks(self.blocks, self.embed(noisy_tokens), self.config.activation_checkpointing, c, rope,
+                       AttentionMask.full())
+        return self.output(x, c, targets)

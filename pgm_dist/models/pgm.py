@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from pgm_dist.attention import AttentionMask
 from pgm_dist.config import ModelConfig
 from pgm_dist.models.layers import (
-    Block, Conditioning, MultiHeadAttention, OutputLayer, Rope, Rotary, positions_like, sinusoid,
+    Block, Conditioning, MultiHeadAttention, OutputLayer, Rope, Rotary, positions_like, run_blocks, sinusoid,
     token_embedding,
 )
 
@@ -52,17 +52,18 @@ class PGM(nn.Module):
         self.decoder = nn.ModuleList(Block(config, cross=True) for _ in range(config.n_dec))
         self.output = OutputLayer(config, config.vocab_size)
 
-    def forward(self, tokens: Tensor, groups: Tensor, labels: Tensor | None = None) -> Tensor:
-        """tokens: LongTensor[B, L]; groups: BoolTensor[B, L] (True = group 1).
+    def forward(self, tokens: Tensor, groups: Tensor, labels: Tensor | None = None,
+                targets: Tensor | None = None) -> Tensor:
+        """tokens: LongTensor[B, L]; groups: BoolTensor[B, L] (True = group 1); targets: LongTensor[B, L].
 
-        Returns float32 logits [B, L, V]: group-1 rows predicted from group 0 only and
-        group-0 rows from group 1 only.
+        Returns float32 logits [B, L, V], or with ``targets`` their float32 NLL [B, L]:
+        group-1 rows predicted from group 0 only and group-0 rows from group 1 only.
         """
         positions = positions_like(tokens)
         rope = self.rotary(positions)
         c = self.cond(labels)
         memory = self._encode(tokens, rope, c, AttentionMask.same_group(groups))
-        return self._decode(positions, rope, memory, rope, c, AttentionMask.cross_group(groups))
+        return self._decode(positions, rope, memory, rope, c, AttentionMask.cross_group(groups), targets)
 
     def predict(self, clean_tokens: Tensor, clean_positions: Tensor, query_positions: Tensor,
                 clean_lengths: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
@@ -79,14 +80,11 @@ class PGM(nn.Module):
         return self._decode(query_positions, self.rotary(query_positions), memory, k_rope, c, mask)
 
     def _encode(self, tokens: Tensor, rope: Rope, c: Tensor, mask: AttentionMask) -> Tensor:
-        x = self.embed(tokens)
-        for block in self.encoder:
-            x = block(x, c, rope, mask)
-        return x
+        return run_blocks(self.encoder, self.embed(tokens), self.config.activation_checkpointing, c, rope, mask)
 
     def _decode(self, query_positions: Tensor, q_rope: Rope, memory: Tensor, k_rope: Rope, c: Tensor,
-                mask: AttentionMask) -> Tensor:
+                mask: AttentionMask, targets: Tensor | None = None) -> Tensor:
         x = self.group_swap(query_positions, memory, q_rope, k_rope, mask)
-        for block in self.decoder:
-            x = block(x, c, q_rope, mask, memory=memory, k_rope=k_rope)
-        return self.output(x, c)
+        x = run_blocks(self.decoder, x, self.config.activation_checkpointing, c, q_rope, mask, memory=memory,
+                       k_rope=k_rope)
+        return self.output(x, c, targets)

@@ -47,6 +47,8 @@ class Engine:
 
         self.objective, self.cfg, self.env, self.device = objective, cfg, env, device
         model = model.to(device)
+        if cfg.compile:
+            model.compile()  # in place: the state dict keys stay the module's own
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                       weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))

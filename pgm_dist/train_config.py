@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pgm_dist.cli import HelpFormatter
-from pgm_dist.config import ATTENTION_BACKENDS, PRESETS
+from pgm_dist.config import ATTENTION_BACKENDS, PRESETS, ModelConfig
 
 
 class ConfigError(ValueError):
@@ -34,6 +34,11 @@ class TrainConfig:
                           flag="--ds_config")
     model: str = _opt("pgm-tiny", "model preset", choices=tuple(PRESETS))
     attention: str = _opt("auto", "attention backend", choices=ATTENTION_BACKENDS)
+    loss_chunk: int = _opt(ModelConfig.loss_chunk, "tokens per chunk of the output projection + cross-entropy, so "
+                                                   "float32 logits never exist for the whole micro-batch (0: unchunked)")
+    activation_checkpointing: bool = _opt(False, "recompute each block's activations in backward (less memory, "
+                                                 "~1/3 more compute)")
+    compile: bool = _opt(False, "torch.compile the model (the Triton attention stays a graph break)")
     dropout: float | None = _opt(None, "override the preset's dropout")
     data: str | None = _opt(None, "data folder from `python -m pgm_dist.data build` "
                                   "(default: build the built-in corpus into data_shards/default)")
@@ -75,7 +80,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("eval_every", "sample_every", "ckpt_every", "warmup_steps", "loader_workers"):
+        for name in ("eval_every", "sample_every", "ckpt_every", "warmup_steps", "loader_workers", "loss_chunk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.resume not in ("auto", "never") and not Path(self.resume).exists():

@@ -6,6 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from pgm_dist.data.images import digits_split
+from pgm_dist.images.evaluation import (
+    class_accuracy, digits_classifier, diversity, extract_features, feature_statistics, fid,
+    fit_digits_classifier, frechet_distance, load_feature_extractor,
+)
+from pgm_dist.images.pictures import digits_pixels, grid_array, save_grid
 from pgm_dist.images.sampling import arccos_counts, halton_order, sample_image_mdlm, sample_image_pgm
 from pgm_dist.sampling import sample_categorical
 from tests.conftest import randomized_model
@@ -202,3 +208,133 @@ def test_sampler_errors(image_pgm):
         sample_image_pgm(randomized_model("pgm-tiny", vocab_size=18, seq_len=65), LABELS, 4)
     with pytest.raises(ValueError, match="square"):
         sample_image_pgm(randomized_model("pgm-tiny", vocab_size=18, seq_len=33, num_classes=10), LABELS, 4)
+
+
+# --- pictures -------------------------------------------------------------------------------
+
+
+def test_grid_array_places_scaled_cells_between_white_gaps(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.random((2, 3, 2, 5, 3)).astype(np.float32)  # rows, cols, H, W, RGB; H != W on purpose
+    pixels[0, 0, 0, 0] = 0.5  # rounds to 128, where truncation would give 127
+    out = grid_array(pixels, scale=2, gap=1)
+    assert out.dtype == np.uint8 and out.shape == (2 * 4 + 1, 3 * 10 + 2, 3)
+    for r in range(2):
+        for c in range(3):
+            cell = out[r * 5:r * 5 + 4, c * 11:c * 11 + 10]
+            expected = np.kron(np.rint(pixels[r, c] * 255), np.ones((2, 2, 1)))
+            assert np.array_equal(cell, expected), (r, c)
+    assert (out[4] == 255).all() and (out[:, 10] == 255).all() and (out[:, 21] == 255).all()
+    assert out[0, 0, 0] == 128
+    saved = save_grid(pixels, tmp_path / "sub" / "grid.png", scale=2, gap=1)
+    from PIL import Image
+    assert np.array_equal(np.asarray(Image.open(saved).convert("RGB")), out)
+
+
+def test_digits_pixels_are_grey_levels_over_16_drawn_grey():
+    codes = np.array([[[0, 8], [16, 4]]])
+    pixels = digits_pixels(codes)
+    assert pixels.shape == (1, 2, 2, 1) and np.allclose(pixels[..., 0], codes / 16)
+    out = grid_array(pixels[None], scale=1, gap=0)  # one row, one column
+    assert out.shape == (2, 2, 3) and out[..., 0].tolist() == [[0, 128], [255, 64]]
+    assert (out == out[..., :1]).all(), "grey images are repeated over the channels"
+    with pytest.raises(ValueError, match=r"\[0, 17\)"):
+        digits_pixels(np.array([17]))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        grid_array(np.full((1, 1, 2, 2), 1.5))
+    with pytest.raises(ValueError, match="rows, cols"):
+        grid_array(np.zeros((2, 2, 2)))
+
+
+# --- digits classifier and diversity ----------------------------------------------------------
+
+
+def test_digits_classifier_separates_the_val_split_and_is_cached(tmp_path):
+    (train_grids, train_labels), (val_grids, val_labels) = digits_split()
+    classifier = digits_classifier(tmp_path)
+    assert class_accuracy(classifier, val_grids, val_labels) > 0.9
+    assert class_accuracy(classifier, val_grids, (val_labels + 1) % 10) < 0.05
+    (cached,) = tmp_path.glob("digits-classifier-*.npz")
+    with np.load(cached, allow_pickle=False) as saved:
+        assert set(saved.files) == {"coef", "intercept"} and np.array_equal(saved["coef"], classifier.coef)
+    np.savez(cached, coef=np.zeros_like(classifier.coef), intercept=np.arange(10.0))
+    assert (digits_classifier(tmp_path).predict(val_grids) == 9).all(), "the second call must read the cache"
+    shuffled = fit_digits_classifier(train_grids, np.random.default_rng(0).permutation(train_labels))
+    assert class_accuracy(shuffled, val_grids, val_labels) < 0.2  # chance is 0.1
+
+
+def test_diversity_is_the_mean_within_class_pairwise_distance():
+    points = np.array([[0, 0], [3, 0], [0, 0], [3, 0], [0, 4], [9, 9]], dtype=float)
+    labels = np.array([0, 0, 1, 1, 1, 2])  # class 0: one pair at 3; class 1: 3, 4, 5; class 2: alone
+    assert diversity(points, labels) == pytest.approx((3 + (3 + 4 + 5) / 3) / 2)
+    rng = np.random.default_rng(1)
+    pixels, labels = rng.random((12, 4, 4, 1)), rng.integers(0, 3, 12)
+    flat = pixels.reshape(12, -1)
+    per_class = [np.mean([np.linalg.norm(flat[i] - flat[j]) for i in np.flatnonzero(labels == c)
+                          for j in np.flatnonzero(labels == c) if i < j]) for c in range(3)]
+    assert diversity(pixels, labels) == pytest.approx(np.mean(per_class))
+    assert diversity(np.repeat(pixels[:1], 5, axis=0), np.zeros(5)) == 0.0
+
+
+# --- FID --------------------------------------------------------------------------------------
+
+
+def _random_spd(rng, d):
+    a = rng.normal(size=(d, d))
+    return a @ a.T + d * np.eye(d)
+
+
+def test_frechet_distance_on_gaussians_with_known_distances():
+    rng = np.random.default_rng(0)
+    d = 6
+    mu1, mu2, sigma = rng.normal(size=d), rng.normal(size=d), _random_spd(rng, d)
+    assert frechet_distance(mu1, sigma, mu1, sigma) == pytest.approx(0.0, abs=1e-8)
+    assert frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(np.sum((mu1 - mu2) ** 2), rel=1e-8)
+    a, b = rng.uniform(0.5, 3, d), rng.uniform(0.5, 3, d)
+    diagonal = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(diagonal, rel=1e-8)
+    rotation, _ = np.linalg.qr(rng.normal(size=(d, d)))  # shared eigenvectors: same closed form
+    assert frechet_distance(mu1, rotation @ np.diag(a) @ rotation.T, mu2,
+                            rotation @ np.diag(b) @ rotation.T) == pytest.approx(diagonal, rel=1e-8)
+    # General (non-commuting) covariances: tr (S1 S2)^(1/2) = tr (S1^(1/2) S2 S1^(1/2))^(1/2), by eigh.
+    s1, s2 = _random_spd(rng, d), _random_spd(rng, d)
+    w, v = np.linalg.eigh(s1)
+    root1 = v @ np.diag(np.sqrt(w)) @ v.T
+    cross = np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1)).sum()
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * cross
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+    with pytest.raises(ValueError, match="imaginary"):
+        frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match="shapes"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+
+
+class _ChannelMoments(torch.nn.Module):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # [N, 3, H, W] -> [N, 6]
+        return torch.cat([images.mean(dim=(2, 3)), images.std(dim=(2, 3))], dim=1)
+
+
+def test_fid_through_a_torchscript_features_file(tmp_path):
+    path = tmp_path / "features.pt"
+    torch.jit.script(_ChannelMoments()).save(str(path))
+    extractor = load_feature_extractor(path)
+    generator = torch.Generator().manual_seed(0)
+    real = [torch.rand(64, 3, 8, 8, generator=generator) for _ in range(3)]
+    darker = [0.5 * batch for batch in real]
+    features = extract_features(extractor, real)
+    assert features.shape == (192, 6) and features.dtype == np.float64
+    np.testing.assert_allclose(features, _ChannelMoments()(torch.cat(real)).double().numpy(), rtol=1e-6)
+    mu, sigma = feature_statistics(features)
+    np.testing.assert_allclose(mu, features.mean(axis=0))
+    centred = features - mu
+    np.testing.assert_allclose(sigma, centred.T @ centred / (len(features) - 1))
+    # Halving the images halves every feature: mu -> mu/2, sigma -> sigma/4, so the distance
+    # is |mu/2|^2 + tr(sigma) (1 + 1/4 - 2 * 1/2) = |mu|^2 / 4 + tr(sigma) / 4.
+    assert fid(features, extract_features(extractor, darker)) == pytest.approx(
+        (mu @ mu + np.trace(sigma)) / 4, rel=1e-5)
+    assert fid(features, features) == pytest.approx(0.0, abs=1e-8)
+    with pytest.raises(FileNotFoundError):
+        load_feature_extractor(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="TorchScript"):
+        load_feature_extractor(tmp_path / "junk.pt")

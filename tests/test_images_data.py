@@ -100,7 +100,8 @@ def test_vq_blocks_follow_llamagen_formulas():
 
         attn = AttnBlock(8, groups=4)
         y = norm(x, attn.norm).flatten(2)  # [n, c, hw]
-        q, k, v = (torch.einsum("oc,ncp->nop", m.weight[:, :, 0, 0], y) + m.bias[:, None] for m in (attn.q, attn.k, attn.v))
+        q, k, v = (torch.einsum("oc,ncp->nop", m.weight[:, :, 0, 0], y) + m.bias[:, None]
+                   for m in (attn.q, attn.k, attn.v))
         weights = torch.softmax(torch.bmm(q.transpose(1, 2), k) * 8 ** -0.5, dim=2)  # [n, hw_q, hw_k]
         mixed = torch.bmm(v, weights.transpose(1, 2)).reshape(x.shape)
         expected = x + F.conv2d(mixed, attn.proj_out.weight, attn.proj_out.bias)
@@ -312,12 +313,11 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     fails(base, "x.png is not a readable picture")
     (pics / "a" / "x.png").unlink()
     fails(base[:-1] + ["10"], "not a multiple of the VQ model's downsampling factor 4")
-    fails(["--vq", str(tmp_path / "vq.pt"), "--input", str(pics), "--vq-config", json.dumps({**TINY.to_dict(), "codebook_size": 64})],
+    with_config = ["--vq", str(tmp_path / "vq.pt"), "--input", str(pics), "--vq-config"]
+    fails(with_config + [json.dumps({**TINY.to_dict(), "codebook_size": 64})],
           "32 x 4 codebook but the VQ config says 64 x 4")
-    fails(["--vq", str(tmp_path / "vq.pt"), "--input", str(pics), "--vq-config", json.dumps({**TINY.to_dict(), "ch": 16})],
-          "does not match the VQ config")
-    fails(["--vq", str(tmp_path / "vq.pt"), "--input", str(pics), "--vq-config", '{"codebook": 3}'],
-          "unknown VQ config field(s) codebook")
+    fails(with_config + [json.dumps({**TINY.to_dict(), "ch": 16})], "does not match the VQ config")
+    fails(with_config + ['{"codebook": 3}'], "unknown VQ config field(s) codebook")
     fails(["--vq", str(tmp_path / "vq.pt")], "--vq needs --input")
     fails(["--vq", str(tmp_path / "nothing.pt"), "--input", str(pics)], "nothing.pt does not exist")
     fails(["--vq", str(tmp_path / "vq.pt"), "--input", str(tmp_path / "nowhere")], "nowhere does not exist")

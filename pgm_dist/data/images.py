@@ -125,7 +125,8 @@ def samples_per_shard_for(n_train: int, requested: int | None) -> tuple[int, str
     if n_train >= AUTO_MIN_TRAIN_SHARDS * DEFAULT_SAMPLES_PER_SHARD:
         return DEFAULT_SAMPLES_PER_SHARD, "default"
     return max(1, n_train // AUTO_MIN_TRAIN_SHARDS), (
-        f"automatic: {n_train} train pictures, fewer than {AUTO_MIN_TRAIN_SHARDS} shards of {DEFAULT_SAMPLES_PER_SHARD}")
+        f"automatic: {n_train} train pictures, fewer than {AUTO_MIN_TRAIN_SHARDS} shards of "
+        f"{DEFAULT_SAMPLES_PER_SHARD}")
 
 
 def write_split(out: Path, split: str, samples: Iterable[Sample], per_shard: int, keep_partial: bool,

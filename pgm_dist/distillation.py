@@ -140,10 +140,10 @@ def initial_weights(teacher: Teacher, init_from: str) -> dict[str, torch.Tensor]
 
 
 def student_weights(engine, source: str) -> dict[str, torch.Tensor]:
-    """The student's fp32 weights by name: ``raw`` from the optimizer's fp32 master copy (the module
-    holds bf16 copies in a bf16 run; collective under ZeRO, every rank calls it), ``ema`` the shadow."""
+    """The student's whole fp32 weights by name: ``raw`` from the optimizer's fp32 master copy (the
+    module holds bf16 copies in a bf16 run), ``ema`` the EMA's; collective under ZeRO (every rank calls it)."""
     if source == "ema":
-        return engine.ema.shadow
+        return engine.ema.whole()
     from deepspeed.utils import safe_get_full_fp32_param
 
     weights = {}
@@ -153,21 +153,12 @@ def student_weights(engine, source: str) -> dict[str, torch.Tensor]:
     return weights
 
 
-def adam_state(engine) -> dict:
-    """The torch optimizer's per-parameter state under DeepSpeed's wrappers (ZeRO 1/2/3 and the
-    bf16 optimizer keep the AdamW, over their flat fp32 partitions, as ``.optimizer``)."""
-    optimizer = engine.ds.optimizer
-    while not isinstance(optimizer, torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer.state
-
-
 @torch.no_grad()
 def reset_adam(engine) -> None:
     """Zero Adam's moments and step counts in place: the next step is a fresh optimizer's first
     (bias corrections included). In place rather than clearing ``state``, so that a checkpoint
     saved right after still has the layout ZeRO's (and the universal) loader expects."""
-    for state in adam_state(engine).values():
+    for state in engine.torch_optimizer.state.values():
         for key, value in state.items():
             if torch.is_tensor(value):
                 value.zero_()
@@ -218,18 +209,21 @@ class DistillTask(Task):
             "distill/sampling_steps": objective.sampling_steps(self.step_round)}
 
     def evaluate_round(self, loop, setup: Setup, round_index: int) -> None:
-        """Rank 0: sample with the EMA weights at the round's step count; log speed, unigram
-        entropy and (with ``--eval-model``) generative perplexity."""
+        """Rank 0 (every rank under ZeRO-3, with the same generator): sample with the EMA weights at the
+        round's step count; rank 0 logs speed, unigram entropy and (with ``--eval-model``) generative
+        perplexity."""
         from pgm_dist.gen_ppl import sample_quality
 
-        if not setup.env.is_main:
-            return
         engine, state = loop.p.engine, loop.state
+        if not (setup.env.is_main or engine.ema.partitioned):
+            return
         steps = engine.objective.sampling_steps(round_index)
         generator = torch.Generator(setup.device).manual_seed(self.cfg.seed * 7919 + state.step)
         with engine.ema.applied_to(engine.module) as model:
             quality, texts = sample_quality(model, self.cfg.eval_samples, steps, generator, setup.tokenizer.decode,
                                             self.evaluator)
+        if not setup.env.is_main:  # under ZeRO-3 every rank sampled the same sequences (collective forwards)
+            return
         values = {f"eval/{name}": value for name, value in quality.items()}
         loop.p.writer.scalars(values, state.step, state.tokens_seen)
         loop.p.writer.text("distill/sample", texts[0], state.step)

@@ -1,26 +1,65 @@
-"""Exponential moving average of the weights, used for evaluation, sampling and export."""
+"""Exponential moving average of the weights, used for evaluation, sampling and export.
+
+Under ZeRO-3 every parameter is a placeholder whose values live as this rank's flat slice
+``p.ds_tensor`` (``ceil(numel / W)`` elements: rank r holds elements ``[r*s, (r+1)*s)`` of the
+flattened parameter, zero-padded past its end). The EMA then keeps only that slice per rank:
+no gather per step. :meth:`EMA.whole` consolidates it (collective) for checkpoints and
+distillation; :meth:`EMA.load_state_dict` takes this rank's slice of whole weights.
+"""
 from __future__ import annotations
 
 import contextlib
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
+def is_partitioned(p: torch.Tensor) -> bool:
+    """True for a ZeRO-3 parameter (its values are in ``p.ds_tensor``)."""
+    return hasattr(p, "ds_tensor")
+
+
+def local_values(p: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``p``: its flat ZeRO-3 partition [ceil(numel / W)], else ``p`` itself."""
+    return p.ds_tensor if is_partitioned(p) else p
+
+
+def full_numel(p: torch.Tensor) -> int:
+    """Elements of the whole parameter, also for a ZeRO-3 placeholder (whose ``numel()`` is 0)."""
+    return p.ds_numel if is_partitioned(p) else p.numel()
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    return p.ds_shape if is_partitioned(p) else p.shape
+
+
+def partition_of(whole: torch.Tensor, partition_size: int, rank: int) -> torch.Tensor:
+    """This rank's flat ZeRO-3 slice of a whole tensor: [partition_size], zero-padded past its end."""
+    flat = whole.reshape(-1)
+    start = rank * partition_size
+    piece = flat[start:start + partition_size]
+    return torch.cat([piece, piece.new_zeros(partition_size - piece.numel())]) if piece.numel() < partition_size \
+        else piece
+
+
 class EMA:
-    """fp32 shadow weights; the decay is warmed up as ``min(decay, (1 + n) / (10 + n))``
-    so that short runs are not dominated by the initial weights."""
+    """fp32 shadow weights (this rank's partitions under ZeRO-3); the decay is warmed up as
+    ``min(decay, (1 + n) / (10 + n))`` so that short runs are not dominated by the initial weights."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.updates = 0
-        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+        params = dict(model.named_parameters())
+        self.shadow = {name: local_values(p).detach().float().clone() for name, p in params.items()}
+        self.shapes = {name: full_shape(p) for name, p in params.items()}
+        self.partitioned = any(is_partitioned(p) for p in params.values())
 
     @torch.no_grad()
     def reset(self, model: nn.Module) -> None:
         """Restart from ``model``'s current weights, warm-up included (as a new EMA would)."""
         for name, p in model.named_parameters():
-            self.shadow[name].copy_(p.detach())
+            self.shadow[name].copy_(local_values(p).detach())
         self.updates = 0
 
     def current_decay(self) -> float:
@@ -30,31 +69,69 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         weight = 1.0 - self.current_decay()
         for name, p in model.named_parameters():
-            self.shadow[name].lerp_(p.detach().float(), weight)
+            self.shadow[name].lerp_(local_values(p).detach().float(), weight)
         self.updates += 1
 
+    @torch.no_grad()
+    def whole(self) -> dict[str, torch.Tensor]:
+        """The EMA weights by name, whole, on every rank. Under ZeRO-3 a collective (every rank
+        calls it) whose result is on the CPU, one parameter at a time on the device; else the shadow."""
+        if not self.partitioned:
+            return self.shadow
+        weights = {}
+        for name, part in self.shadow.items():
+            pieces = [torch.empty_like(part) for _ in range(dist.get_world_size())]
+            dist.all_gather(pieces, part)
+            shape = self.shapes[name]
+            weights[name] = torch.cat(pieces)[:shape.numel()].view(shape).cpu()
+        return weights
+
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+        """Whole weights under ``shadow`` (collective under ZeRO-3)."""
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.whole()}
 
     def load_state_dict(self, state: dict) -> None:
+        """``state["shadow"]``: whole weights by name (this rank keeps its slice under ZeRO-3)."""
         missing = set(self.shadow) ^ set(state["shadow"])
         if missing:
             raise ValueError(f"EMA weights do not match the model: {sorted(missing)[:5]} ...")
         self.updates = state["updates"]
+        rank = dist.get_rank() if self.partitioned else 0
         for name, tensor in state["shadow"].items():
-            self.shadow[name].copy_(tensor)
+            if tuple(tensor.shape) != tuple(self.shapes[name]):
+                raise ValueError(f"EMA weight {name} has shape {tuple(tensor.shape)}, the model "
+                                 f"{tuple(self.shapes[name])}")
+            target = self.shadow[name]
+            target.copy_(partition_of(tensor, target.numel(), rank) if self.partitioned else tensor)
 
     @contextlib.contextmanager
     def applied_to(self, model: nn.Module):
-        """Temporarily load the EMA weights into ``model`` (restored exactly afterwards)."""
+        """Temporarily load the EMA weights into ``model`` (restored exactly afterwards). Under
+        ZeRO-3 into this rank's partitions, so every rank enters it (and runs the same forwards)."""
         params = dict(model.named_parameters())
-        backup = {name: p.detach().clone() for name, p in params.items()}
+        backup = {name: local_values(p).detach().clone() for name, p in params.items()}
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(self.shadow[name])
+                local_values(p).copy_(self.shadow[name])
+        _refresh_gathered(params.values())
         try:
             yield model
         finally:
             with torch.no_grad():
                 for name, p in params.items():
-                    p.copy_(backup[name])
+                    local_values(p).copy_(backup[name])
+            _refresh_gathered(params.values())
+
+
+def _refresh_gathered(params) -> None:
+    """ZeRO-3 keeps small parameters gathered between forwards ("persistent"): gather them again
+    from the partitions just written (collective), or they would keep the values they had."""
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    gathered = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
+    if gathered:
+        gathered[0].partition(gathered)
+        gathered[0].all_gather(gathered)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pgm_dist.distributed import DistEnv, all_reduce
-from pgm_dist.ema import EMA
+from pgm_dist.ema import EMA, local_values
 from pgm_dist.evaluate import nelbo_and_perplexity, nelbo_sums
 from pgm_dist.objectives import derived_seed, global_sample_indices, low_discrepancy_times, shared_uniform
 from pgm_dist.train_config import TrainConfig
@@ -57,11 +57,46 @@ class Engine:
         self.micro_batch = self.ds.train_micro_batch_size_per_gpu()
         self.accum = self.ds.gradient_accumulation_steps()
         self.global_batch = self.ds.train_batch_size()
+        self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         self.ema = EMA(self.module, cfg.ema_decay)
 
     @property
     def module(self) -> nn.Module:
         return self.ds.module
+
+    @property
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The AdamW under DeepSpeed's wrappers (ZeRO 1/2/3 and the bf16 optimizer keep it, over
+        their flat fp32 partitions, as ``.optimizer``)."""
+        optimizer = self.ds.optimizer
+        while not isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = optimizer.optimizer
+        return optimizer
+
+    def model_state_bytes(self) -> dict[str, int]:
+        """This rank's model-state memory in bytes, from the sizes of what it holds: its parameters
+        (the ZeRO-3 partition, else whole), its gradient partition (ZeRO-2/3: the share it reduces
+        into; ZeRO-0/1: whole), and the optimizer's state: the AdamW's parameters (ZeRO's flat fp32
+        master partitions) where they are not the module's own storage, plus Adam's two moments of
+        their size (allocated at the first step, so counted, not measured, at start)."""
+        module_params = list(self.module.parameters())
+        params = sum(local_values(p).numel() * local_values(p).element_size() for p in module_params)
+        held = {local_values(p).untyped_storage().data_ptr() for p in module_params}
+        if self.stage >= 3:  # ZeRO-3 hands its AdamW the flat partitions only for the duration of a step
+            masters = list(self.ds.optimizer.fp32_partitioned_groups_flat)
+        else:
+            masters = [p for group in self.torch_optimizer.param_groups for p in group["params"]]
+        master_bytes = sum(p.numel() * p.element_size() for p in masters)
+        state = 2 * master_bytes + sum(p.numel() * p.element_size() for p in masters
+                                       if p.untyped_storage().data_ptr() not in held)
+        element = local_values(module_params[0]).element_size()
+        if self.stage >= 3:
+            grads = params
+        elif self.stage == 2:
+            grads = sum(p.numel() for p in masters) * element
+        else:
+            grads = sum(p.numel() for p in module_params) * element
+        return {"params": params, "grads": grads, "optimizer": state, "total": params + grads + state}
 
     @property
     def lr(self) -> float:
@@ -99,6 +134,19 @@ class Engine:
 
     def evaluate(self, val_batches, seed: int = 1234) -> tuple[float, float]:
         """Validation NELBO per token and perplexity with the EMA weights, over all ranks."""
+        if self.stage >= 3:
+            val_batches = list(val_batches)
         with self.ema.applied_to(self.module) as model:
             total = nelbo_sums(model, self.objective, val_batches, self.device, seed, self.env.rank)
+            if self.stage >= 3:
+                self._match_forward_count(model, val_batches, seed)
         return nelbo_and_perplexity(all_reduce(total))
+
+    def _match_forward_count(self, model: nn.Module, batches: list[torch.Tensor], seed: int) -> None:
+        """A ZeRO-3 forward is collective: a rank with fewer validation batches than another (a split
+        that does not divide evenly) runs discarded passes until every rank has run as many."""
+        most = all_reduce(torch.tensor(float(len(batches)), device=self.device), "max")
+        missing = int(most.item()) - len(batches)
+        if missing:
+            filler = batches[-1] if batches else torch.zeros(1, model.config.seq_len, dtype=torch.long)
+            nelbo_sums(model, self.objective, [filler] * missing, self.device, seed, self.env.rank)

@@ -15,12 +15,13 @@ from __future__ import annotations
 from torch import nn
 
 from pgm_dist.config import ModelConfig
+from pgm_dist.ema import full_numel
 
 PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
 
 
 def per_token_linear_params(model: nn.Module) -> int:
-    return sum(m.weight.numel() for name, m in model.named_modules()
+    return sum(full_numel(m.weight) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and "modulation" not in name)
 
 

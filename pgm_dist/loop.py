@@ -126,7 +126,7 @@ class TrainingLoop:
         engine = self.p.engine
         client_state, files = self.client_state()
         return self.p.checkpointer.save(engine.ds, self.state.step, client_state,
-                                        self.p.checkpoint_state(self.state), engine.ema.shadow,
+                                        self.p.checkpoint_state(self.state), engine.ema.whole(),
                                         self.p.tokenizer_path, files)
 
     # -- the loop ------------------------------------------------------------------------
@@ -225,10 +225,15 @@ class TrainingLoop:
             tqdm.write(f"step {self.state.step}: val NELBO {nelbo:.4f} per token, perplexity {ppl:.2f}")
 
     def _sample(self) -> None:
+        """Rank 0 samples; under ZeRO-3 every rank does (same generator, so the same collective
+        forwards and the same texts) and rank 0 logs."""
+        engine = self.p.engine
+        if not (self.env.is_main or engine.ema.partitioned):
+            return
+        with engine.ema.applied_to(engine.module) as model:
+            texts = self.p.sample_texts(model, self.state.step)
         if not self.env.is_main:
             return
-        engine = self.p.engine
-        with engine.ema.applied_to(engine.module) as model:
-            self.last_texts = self.p.sample_texts(model, self.state.step)
+        self.last_texts = texts
         for i, text in enumerate(self.last_texts):
             self.p.writer.text(f"samples/{i}", text, self.state.step)

@@ -89,12 +89,8 @@ def check_resume(checkpoint: Path, model_config: ModelConfig, tokenizer: Tokeniz
 
 
 def run_ds_config(cfg: TrainConfig, world_size: int, device: torch.device) -> dict:
-    ds_config = resolve_ds_config(cfg.ds_config, world_size=world_size, device=device,
-                                  micro_batch=cfg.micro_batch, global_batch=cfg.global_batch)
-    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
-        raise ConfigError("ZeRO-3 is not supported by pgm_dist yet (EMA and sampling need whole parameters); "
-                          "use ds_configs/zero2.json, the right choice for models up to ~1B parameters")
-    return ds_config
+    return resolve_ds_config(cfg.ds_config, world_size=world_size, device=device,
+                             micro_batch=cfg.micro_batch, global_batch=cfg.global_batch)
 
 
 def allowed_world_sizes(global_batch: int, micro_batch: int) -> list[int]:
@@ -157,6 +153,7 @@ def run(setup: Setup) -> str:
     import deepspeed
 
     from pgm_dist.checkpoint import Checkpointer
+    from pgm_dist.ema import full_numel
     from pgm_dist.engine import Engine
     from pgm_dist.loop import LoopParts, TrainingLoop, TrainState
     from pgm_dist.metrics import make_writer
@@ -211,16 +208,20 @@ def run(setup: Setup) -> str:
                       state.step)
     parts.writer.scalars({"run/world_size": env.world_size, "run/restarts": state.restarts,
                           "run/nodes": setup.launch.get("num_nodes")}, state.step, state.tokens_seen)
+    memory = engine.model_state_bytes()
     if env.is_main:
         setup.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(setup.out / "config.json", {
             "train": cfg.to_dict(), "model": setup.model_config.to_dict(), "ds_config": setup.ds_config,
             "data": str(folder.path), "world_size": env.world_size,
-            "batch": {"global": engine.global_batch, "micro": engine.micro_batch, "accumulation": engine.accum}})
-        print(f"training {setup.model_config.preset_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+            "batch": {"global": engine.global_batch, "micro": engine.micro_batch, "accumulation": engine.accum},
+            "model_state_bytes_per_rank": memory})
+        print(f"training {setup.model_config.preset_name} ({sum(map(full_numel, model.parameters())) / 1e6:.1f}M "
               f"parameters) on {folder.path} for {cfg.max_steps} steps: global batch {engine.global_batch} = "
               f"{engine.micro_batch} x {env.world_size} ranks x {engine.accum} accumulation, "
-              f"{'bf16' if setup.ds_config['bf16']['enabled'] else 'fp32'}, ZeRO-{stage}, {device}")
+              f"{'bf16' if setup.ds_config['bf16']['enabled'] else 'fp32'}, ZeRO-{stage}, {device}; model states "
+              f"per rank {memory['total'] / 2**20:.1f} MiB (parameters {memory['params'] / 2**20:.1f}, gradients "
+              f"{memory['grads'] / 2**20:.1f}, optimizer {memory['optimizer'] / 2**20:.1f})")
     try:
         status = loop.run()
     finally:

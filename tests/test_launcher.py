@@ -252,7 +252,6 @@ BAD_INPUTS = [
     (["--", "--model", "pgm-huge"], "invalid choice: 'pgm-huge'"),
     (["--", "--data", "/no/such/folder"], "data folder /no/such/folder does not exist"),
     (["--nodes", "2-3", "--", "--global-batch", "8", "--micro-batch", "4"], "allows world sizes 1, 2; the job may get 2, 3"),
-    (["--", "--ds_config", "ds_configs/zero3.json"], "ZeRO-3 is not supported"),
     (["--", "--out", "elsewhere"], "the launcher sets --out"),
     (["--entry", "distill", "--", "--teacher", "/nonexistent"], "--teacher: /nonexistent is neither an export"),
     (["--entry", "distill", "--", "--out", "runs/default"], "the launcher sets --out"),  # not distill's default

@@ -28,7 +28,7 @@ class ModelConfig:
     num_classes: int | None = None  # class-conditional adaLN (images); None = text
     attention: str = "auto"
     # Runtime options (how, not what, is computed; a checkpoint resumes under other values):
-    loss_chunk: int = 4096  # tokens per chunk of the output projection + cross-entropy (0: all at once)
+    loss_chunk: int = 1024  # tokens per chunk of the output projection + cross-entropy (0: all at once)
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     bos_id: int = 1
     eos_id: int = 2

@@ -66,7 +66,8 @@ def test_train_help_states_each_default_once():
     for f in fields:
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         if f.type in ("bool", bool):
-            flag = f"--{f.name}, --no-{f.name}"
+            name = f.name.replace("_", "-")
+            flag = f"--{name}, --no-{name}"
         described = _option_help(text, re.escape(flag))
         assert described.count("(default:") == (f.default is not None or "(default:" in f.metadata["help"]), flag
         if f.default is not None:

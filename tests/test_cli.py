@@ -69,7 +69,8 @@ def test_train_help_states_each_default_once():
             name = f.name.replace("_", "-")
             flag = f"--{name}, --no-{name}"
         described = _option_help(text, re.escape(flag))
-        assert described.count("(default:") == (f.default is not None or "(default:" in f.metadata["help"]), flag
-        if f.default is not None:
+        shown = f.default is not None and f.default is not False  # off switches state no default
+        assert described.count("(default:") == (shown or "(default:" in f.metadata["help"]), flag
+        if shown:
             assert described.endswith(f"(default: {f.default})"), flag
     assert _option_help(text, "--data").endswith("(default: build the built-in corpus into data_shards/default)")

@@ -26,6 +26,12 @@ class ModelConfig:
     dropout: float = 0.1
     rope_base: float = 10000.0
     num_classes: int | None = None  # class-conditional adaLN (images); None = text
+    # Images (section 9): one learned register token per group, prepended (positions shift by 2);
+    # the adaLN linears read the raw conditioning (no SiLU), as the reference's image model;
+    # image_grid (h, w) of the 1 + h*w sequence, from the data.
+    registers: bool = False
+    cond_silu: bool = True
+    image_grid: list | None = None
     attention: str = "auto"
     # Runtime options (how, not what, is computed; a checkpoint resumes under other values):
     loss_chunk: int = 1024  # tokens per chunk of the output projection + cross-entropy (0: all at once)
@@ -41,6 +47,11 @@ class ModelConfig:
             raise ValueError(
                 f"unknown attention backend {self.attention!r}; valid: {', '.join(ATTENTION_BACKENDS)}"
             )
+        if self.image_grid is not None:
+            self.image_grid = [int(n) for n in self.image_grid]
+            if len(self.image_grid) != 2 or self.seq_len != 1 + self.image_grid[0] * self.image_grid[1]:
+                raise ValueError(f"image_grid {self.image_grid} must be (h, w) with seq_len = 1 + h*w "
+                                 f"(got seq_len {self.seq_len})")
         if self.loss_chunk < 0:
             raise ValueError(f"loss_chunk must be >= 0 tokens (0: unchunked), got {self.loss_chunk}")
         if self.d_model % self.n_heads:
@@ -102,4 +113,13 @@ PRESETS: dict[str, dict] = {
     "mdlm-medium": dict(arch="mdlm", n_enc=24, n_dec=0, d_model=1024, n_heads=16),
     "pgm-1b": dict(arch="pgm", n_enc=16, n_dec=16, d_model=1536, n_heads=24),
     "mdlm-1b": dict(arch="mdlm", n_enc=32, n_dec=0, d_model=1536, n_heads=24),
+    # Class-conditional image PGMs on token grids (section 9): registers, conditioning of width d
+    # without SiLU; grid, codebook and classes come from the image data folder. pgm-img-b is the
+    # reference's ImageNet model (d 1024, 16 heads, 12 + 12; its data: 32x32 codes of 16,384, 1000
+    # classes); pgm-img-tiny fits the built-in digits (8x8 grey levels, 17 codes, 10 classes) on a CPU.
+    "pgm-img-tiny": dict(arch="pgm", n_enc=2, n_dec=2, d_model=128, n_heads=2, cond_dim=128, dropout=0.0,
+                         registers=True, cond_silu=False),
+    "pgm-img-b": dict(arch="pgm", n_enc=12, n_dec=12, d_model=1024, n_heads=16, cond_dim=1024,
+                      registers=True, cond_silu=False),
 }
+IMAGE_PRESETS = tuple(name for name, values in PRESETS.items() if values.get("registers"))

@@ -22,7 +22,9 @@ BOS = CODEBOOK
 
 @pytest.fixture(scope="module")
 def image_pgm():
-    return randomized_model("pgm-tiny", vocab_size=CODEBOOK + 1, seq_len=65, num_classes=CLASSES)
+    # The image preset: registers and conditioning without SiLU, on the efficient and the naive path.
+    return randomized_model("pgm-img-tiny", vocab_size=CODEBOOK + 1, seq_len=65, num_classes=CLASSES,
+                            image_grid=[8, 8])
 
 
 @pytest.fixture(scope="module")

@@ -102,8 +102,10 @@ def guidance_weights(cfg: float, steps: int, ramp: str) -> list[float]:
 
 
 def image_grid(config, grid: tuple[int, int] | None) -> tuple[int, int]:
-    """(h, w) of the model's ``1 + h*w`` sequence: ``grid`` checked, or the square one."""
+    """(h, w) of the model's ``1 + h*w`` sequence: ``grid`` checked, else the config's
+    ``image_grid``, else the square one."""
     cells = config.seq_len - 1
+    grid = grid or getattr(config, "image_grid", None)
     if grid is None:
         side = math.isqrt(cells)
         if side * side != cells:

@@ -66,6 +66,12 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
+def adaln_modulation(config: ModelConfig, out_dim: int) -> nn.Sequential:
+    """``SiLU -> Linear(cond_dim, out_dim)`` (text), or the linear on the raw conditioning
+    (``cond_silu=False``: the reference's image model); the same state-dict keys either way."""
+    return nn.Sequential(nn.SiLU() if config.cond_silu else nn.Identity(), nn.Linear(config.cond_dim, out_dim))
+
+
 class MultiHeadAttention(nn.Module):
     """Attention from a query stream to a key/value stream (the same one for self-attention)."""
 
@@ -107,7 +113,7 @@ class Block(nn.Module):
             nn.Linear(d, config.mlp_ratio * d), nn.GELU(approximate="tanh"), nn.Linear(config.mlp_ratio * d, d)
         )
         self.dropout = nn.Dropout(config.dropout)
-        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.cond_dim, 6 * d))
+        self.modulation = adaln_modulation(config, 6 * d)
         nn.init.zeros_(self.modulation[1].weight)
         nn.init.zeros_(self.modulation[1].bias)
 
@@ -166,7 +172,7 @@ class OutputLayer(nn.Module):
         d = config.d_model
         self.loss_chunk = config.loss_chunk
         self.norm = nn.LayerNorm(d, elementwise_affine=False)
-        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.cond_dim, 2 * d))
+        self.modulation = adaln_modulation(config, 2 * d)
         self.proj = nn.Linear(d, out_dim)
         for layer in (self.modulation[1], self.proj):
             nn.init.zeros_(layer.weight)
@@ -211,6 +217,6 @@ def positions_like(tokens: Tensor) -> Tensor:
 
 
 __all__ = [
-    "Block", "Conditioning", "MultiHeadAttention", "OutputLayer", "Rotary", "apply_rotary",
+    "Block", "Conditioning", "MultiHeadAttention", "adaln_modulation", "OutputLayer", "Rotary", "apply_rotary",
     "modulate", "positions_like", "run_blocks", "sinusoid", "token_embedding",
 ]

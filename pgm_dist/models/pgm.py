@@ -40,6 +40,21 @@ class GroupSwap(nn.Module):
         return self.attn(queries, memory, q_rope, k_rope, mask)
 
 
+class RegisterTokens(nn.Module):
+    """Two learned tokens, group 0's and group 1's (images): neither group is ever empty.
+
+    A module, not a bare parameter, so that ZeRO-3 gathers it in its own forward.
+    """
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.tokens = nn.Parameter(torch.randn(2, d_model) * 0.02)  # the reference's N(0, 0.02)
+
+    def forward(self, batch: int, dtype: torch.dtype) -> Tensor:
+        """-> [batch, 2, d]: group 0's register, then group 1's."""
+        return self.tokens.to(dtype).expand(batch, -1, -1)
+
+
 class PGM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -51,6 +66,7 @@ class PGM(nn.Module):
         self.group_swap = GroupSwap(config)
         self.decoder = nn.ModuleList(Block(config, cross=True) for _ in range(config.n_dec))
         self.output = OutputLayer(config, config.vocab_size)
+        self.registers = RegisterTokens(config.d_model) if config.registers else None
 
     def forward(self, tokens: Tensor, groups: Tensor, labels: Tensor | None = None,
                 targets: Tensor | None = None) -> Tensor:
@@ -58,12 +74,20 @@ class PGM(nn.Module):
 
         Returns float32 logits [B, L, V], or with ``targets`` their float32 NLL [B, L]:
         group-1 rows predicted from group 0 only and group-0 rows from group 1 only.
+        With registers, group 0's and group 1's register tokens take positions 0 and 1
+        (the tokens' shift by 2), each in its group; their own rows are not returned.
         """
-        positions = positions_like(tokens)
+        x = self.embed(tokens)
+        if self.registers is not None:
+            x = torch.cat([self.registers(x.shape[0], x.dtype), x], dim=1)
+            groups = torch.cat([torch.tensor([False, True], device=groups.device).expand(groups.shape[0], 2),
+                                groups], dim=1)
+        positions = positions_like(x)
         rope = self.rotary(positions)
         c = self.cond(labels)
-        memory = self._encode(tokens, rope, c, AttentionMask.same_group(groups))
-        return self._decode(positions, rope, memory, rope, c, AttentionMask.cross_group(groups), targets)
+        memory = self._encode(x, rope, c, AttentionMask.same_group(groups))
+        return self._decode(positions, rope, memory, rope, c, AttentionMask.cross_group(groups), targets,
+                            skip=0 if self.registers is None else 2)
 
     def predict(self, clean_tokens: Tensor, clean_positions: Tensor, query_positions: Tensor,
                 clean_lengths: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
@@ -72,19 +96,27 @@ class PGM(nn.Module):
         clean_tokens, clean_positions: [B, C]; query_positions: [B, Q];
         clean_lengths: optional [B], sequence ``b`` using its first ``clean_lengths[b]``
         clean entries (the rest is padding). Returns float32 logits [B, Q, V].
+        The clean tokens are group 0: with registers, group 0's register joins them.
         """
+        x = self.embed(clean_tokens)
+        if self.registers is not None:
+            x = torch.cat([self.registers(x.shape[0], x.dtype)[:, :1], x], dim=1)
+            clean_positions = torch.cat([torch.zeros_like(clean_positions[:, :1]), clean_positions + 2], dim=1)
+            query_positions = query_positions + 2
+            clean_lengths = None if clean_lengths is None else clean_lengths + 1
         mask = AttentionMask.full(clean_lengths)
         k_rope = self.rotary(clean_positions)
         c = self.cond(labels)
-        memory = self._encode(clean_tokens, k_rope, c, mask)
+        memory = self._encode(x, k_rope, c, mask)
         return self._decode(query_positions, self.rotary(query_positions), memory, k_rope, c, mask)
 
-    def _encode(self, tokens: Tensor, rope: Rope, c: Tensor, mask: AttentionMask) -> Tensor:
-        return run_blocks(self.encoder, self.embed(tokens), self.config.activation_checkpointing, c, rope, mask)
+    def _encode(self, x: Tensor, rope: Rope, c: Tensor, mask: AttentionMask) -> Tensor:
+        return run_blocks(self.encoder, x, self.config.activation_checkpointing, c, rope, mask)
 
     def _decode(self, query_positions: Tensor, q_rope: Rope, memory: Tensor, k_rope: Rope, c: Tensor,
-                mask: AttentionMask, targets: Tensor | None = None) -> Tensor:
+                mask: AttentionMask, targets: Tensor | None = None, skip: int = 0) -> Tensor:
+        """``skip``: leading rows (the registers') that predict nothing."""
         x = self.group_swap(query_positions, memory, q_rope, k_rope, mask)
         x = run_blocks(self.decoder, x, self.config.activation_checkpointing, c, q_rope, mask, memory=memory,
                        k_rope=k_rope)
-        return self.output(x, c, targets)
+        return self.output(x[:, skip:], c, targets)

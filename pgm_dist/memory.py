@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from pgm_dist.cli import HelpFormatter
-from pgm_dist.config import PRESETS, ModelConfig
+from pgm_dist.config import IMAGE_PRESETS, PRESETS, ModelConfig
 
 # The paper's OpenWebText setting (GPT-2 tokenizer, 1024 tokens); the vocabulary moves the counts.
 DEFAULT_VOCAB, DEFAULT_SEQ_LEN = 50258, 1024
 DEFAULT_GPUS = (8, 16, 64)
+TEXT_PRESETS = [name for name in PRESETS if name not in IMAGE_PRESETS]
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,8 @@ def table(presets: list[str], gpus: tuple[int, ...] = DEFAULT_GPUS, vocab_size: 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pgm_dist.memory", description=__doc__,
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(PRESETS), metavar="PRESET",
-                        help="presets to list (default: all)")
+    parser.add_argument("--models", nargs="+", default=TEXT_PRESETS, metavar="PRESET",
+                        help="presets to list (default: the text presets)")
     parser.add_argument("--gpus", nargs="+", type=int, default=list(DEFAULT_GPUS),
                         help="total GPU counts, 8 per node (fewer than 8: one node)")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB)

@@ -10,24 +10,35 @@ import pytest
 import torch
 
 from pgm_dist import PRESETS, ModelConfig, build_model
-from pgm_dist.memory import ParamCount, model_state_bytes, preset_parameters, table
+from pgm_dist.config import IMAGE_PRESETS
+from pgm_dist.memory import TEXT_PRESETS, ParamCount, model_state_bytes, preset_parameters, table
 from tests.train_helpers import REPO
 
 README = (REPO / "README.md").read_text()
 
 
-def readme_preset_rows() -> dict[str, float]:
-    """{preset: parameters in millions} from the Models section's table."""
-    rows = re.findall(r"^\| `([a-z0-9-]+)` \| (?:PGM|MDLM) \|.*\| ([\d,.]+)M[^|]*\|$", README, re.M)
+def readme_preset_rows(kind: str) -> dict[str, float]:
+    """{preset: parameters in millions} from the Models section's text (``PGM|MDLM``) or image
+    (``image PGM``) table."""
+    rows = re.findall(rf"^\| `([a-z0-9-]+)` \| {kind} \|.*\| ([\d,.]+)M[^|]*\|$", README, re.M)
     return {name: float(millions.replace(",", "")) for name, millions in rows}
 
 
+# Each image preset's count at the data it was made for: (codebook, grid side, classes).
+IMAGE_DATA = {"pgm-img-tiny": (17, 8, 10), "pgm-img-b": (16384, 32, 1000)}
+
+
 def test_readme_lists_every_preset_with_its_meta_device_parameter_count():
-    rows = readme_preset_rows()
-    assert set(rows) == set(PRESETS)
-    for name, millions in rows.items():
+    text, image = readme_preset_rows("(?:PGM|MDLM)"), readme_preset_rows("image PGM")
+    assert set(text) == set(TEXT_PRESETS) and set(image) == set(IMAGE_PRESETS) == set(IMAGE_DATA)
+    for name, millions in text.items():
         params = preset_parameters(ModelConfig.preset(name, vocab_size=50258, seq_len=1024))
         assert round(params.total / 1e6, 1) == millions, name
+    for name, millions in image.items():
+        codebook, side, classes = IMAGE_DATA[name]
+        config = ModelConfig.preset(name, vocab_size=codebook + 1, seq_len=1 + side * side, num_classes=classes,
+                                    image_grid=[side, side])
+        assert round(preset_parameters(config).total / 1e6, 1) == millions, name
 
 
 @pytest.mark.parametrize("name,low,high", [("pgm-medium", 400e6, 500e6), ("pgm-1b", 0.95e9, 1.2e9)])
@@ -66,7 +77,7 @@ def test_memory_per_gpu_follows_the_zero_papers_accounting():
 
 def test_readme_memory_table_is_the_one_the_code_prints():
     written = README.split("<!-- memory-table: python -m pgm_dist.memory -->\n", 1)[1].split("\n\n", 1)[0]
-    assert written.strip() == table(list(PRESETS))
+    assert written.strip() == table(TEXT_PRESETS)
     one_b = next(line for line in written.splitlines() if line.startswith("| pgm-1b |"))
     gib = [float(x) for x in one_b.strip("|").split("|")[2:]]
     p = preset_parameters(ModelConfig.preset("pgm-1b", vocab_size=50258, seq_len=1024))

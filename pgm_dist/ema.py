@@ -2,7 +2,8 @@
 
 Under ZeRO-3 every parameter is a placeholder whose values live as this rank's flat slice
 ``p.ds_tensor`` (``ceil(numel / W)`` elements: rank r holds elements ``[r*s, (r+1)*s)`` of the
-flattened parameter, zero-padded past its end). The EMA then keeps only that slice per rank:
+flattened parameter, zero-padded past its end; W is the world size: pgm_dist is data-parallel
+only, so ZeRO partitions over every rank). The EMA then keeps only that slice per rank:
 no gather per step. :meth:`EMA.whole` consolidates it (collective) for checkpoints and
 distillation; :meth:`EMA.load_state_dict` takes this rank's slice of whole weights.
 """
@@ -13,6 +14,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 
 
 def is_partitioned(p: torch.Tensor) -> bool:
@@ -36,11 +38,8 @@ def full_shape(p: torch.Tensor) -> torch.Size:
 
 def partition_of(whole: torch.Tensor, partition_size: int, rank: int) -> torch.Tensor:
     """This rank's flat ZeRO-3 slice of a whole tensor: [partition_size], zero-padded past its end."""
-    flat = whole.reshape(-1)
-    start = rank * partition_size
-    piece = flat[start:start + partition_size]
-    return torch.cat([piece, piece.new_zeros(partition_size - piece.numel())]) if piece.numel() < partition_size \
-        else piece
+    piece = whole.reshape(-1)[rank * partition_size:(rank + 1) * partition_size]
+    return F.pad(piece, (0, partition_size - piece.numel()))
 
 
 class EMA:

@@ -134,19 +134,19 @@ class Engine:
 
     def evaluate(self, val_batches, seed: int = 1234) -> tuple[float, float]:
         """Validation NELBO per token and perplexity with the EMA weights, over all ranks."""
+        filler = []
         if self.stage >= 3:
             val_batches = list(val_batches)
+            filler = self._filler_batches(val_batches)
         with self.ema.applied_to(self.module) as model:
             total = nelbo_sums(model, self.objective, val_batches, self.device, seed, self.env.rank)
-            if self.stage >= 3:
-                self._match_forward_count(model, val_batches, seed)
+            if filler:  # results discarded
+                nelbo_sums(model, self.objective, filler, self.device, seed, self.env.rank)
         return nelbo_and_perplexity(all_reduce(total))
 
-    def _match_forward_count(self, model: nn.Module, batches: list[torch.Tensor], seed: int) -> None:
+    def _filler_batches(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
         """A ZeRO-3 forward is collective: a rank with fewer validation batches than another (a split
-        that does not divide evenly) runs discarded passes until every rank has run as many."""
-        most = all_reduce(torch.tensor(float(len(batches)), device=self.device), "max")
-        missing = int(most.item()) - len(batches)
-        if missing:
-            filler = batches[-1] if batches else torch.zeros(1, model.config.seq_len, dtype=torch.long)
-            nelbo_sums(model, self.objective, [filler] * missing, self.device, seed, self.env.rank)
+        that does not divide evenly) runs as many discarded passes as it lacks. Agreed before any pass."""
+        most = int(all_reduce(torch.tensor(float(len(batches)), device=self.device), "max").item())
+        filler = batches[-1] if batches else torch.zeros(1, self.module.config.seq_len, dtype=torch.long)
+        return [filler] * (most - len(batches))

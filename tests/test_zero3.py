@@ -1,10 +1,11 @@
 """ZeRO-3 end to end (CPU, gloo, 2 ranks, fp32): the same training as ZeRO-2, an EMA kept on each
 rank's partition that equals the EMA of whole parameters, exact and cross-stage resumes, export.
 
-Five short runs, shared by every test here: a straight ZeRO-2 run of 12 steps (the reference);
-a ZeRO-3 run stopped at step 6 and resumed to 12; a ZeRO-3 run resumed from the ZeRO-2 run's
-step-6 checkpoint (EMA decay 0 from there, so its EMA is its raw weights); a ZeRO-2 run resumed
-from the ZeRO-3 run's step-6 checkpoint.
+Five short runs, shared by the tests that read runs: a straight ZeRO-2 run of 12 steps (the
+reference); a ZeRO-3 run stopped at step 6 and resumed to 12; a ZeRO-3 run resumed from the ZeRO-2
+run's step-6 checkpoint (EMA decay 0 from there, so its EMA is its raw weights); a ZeRO-2 run
+resumed from the ZeRO-3 run's step-6 checkpoint. This file is also the launcher's script of the
+unequal-evaluation test (``__main__``).
 """
 from __future__ import annotations
 
@@ -139,3 +140,44 @@ def test_zero3_model_state_memory_per_rank_is_half_of_one_rank(runs, data):
     zero2 = json.loads((runs["out"]["zero2"] / "config.json").read_text())["model_state_bytes_per_rank"]
     assert zero2["params"] == 4 * n  # ZeRO-2 keeps whole parameters on every rank
     assert "model states per rank" in runs["first"].stdout
+
+
+def test_evaluation_with_unequal_batch_counts_per_rank(data, tmp_path):
+    """Rank 0 holds 3 validation batches, rank 1 two (a split that does not divide evenly): under
+    ZeRO-3, whose forwards are collective, evaluation must neither hang nor count the filler passes
+    that keep the ranks in step: its NELBO equals ZeRO-2's on the same batches and weights."""
+    done = run_train(["--data", str(data), "--out", str(tmp_path), "--global-batch", "8", "--micro-batch", "4"],
+                     ranks=2, script="tests/test_zero3.py", env={"PYTHONPATH": str(REPO)}, timeout=240)
+    values = dict(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("NELBO "))
+    assert values.keys() == {"2", "3"}
+    assert float(values["3"]) == pytest.approx(float(values["2"]), abs=1e-6)
+
+
+def _evaluate_unequal_batches(argv: list[str]) -> None:
+    """The launcher's script for the test above: both ZeRO stages evaluate the same model on batches
+    of random tokens, 3 on rank 0 and 2 on rank 1; rank 0 prints ``NELBO <stage> <value>``."""
+    import copy
+
+    from pgm_dist.distributed import init_process_group
+    from pgm_dist.engine import Engine
+    from pgm_dist.train_config import parse_train_config
+    from pgm_dist.training import prepare_process
+
+    setup = prepare_process(parse_train_config(argv))
+    init_process_group(setup.device)
+    torch.manual_seed(0)
+    model, objective = setup.task.build(setup)
+    generator = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, setup.model_config.vocab_size, (3, setup.model_config.seq_len), generator=generator)
+               for _ in range(5)]
+    mine = batches[:3] if setup.env.rank == 0 else batches[3:]
+    for stage in (2, 3):
+        ds_config = {**setup.ds_config, "zero_optimization": {"stage": stage}}
+        engine = Engine(copy.deepcopy(model), objective, setup.cfg, ds_config, setup.env, setup.device)
+        nelbo, _ = engine.evaluate(mine)
+        if setup.env.is_main:
+            print(f"NELBO {stage} {nelbo!r}", flush=True)
+
+
+if __name__ == "__main__":
+    _evaluate_unequal_batches(sys.argv[1:])

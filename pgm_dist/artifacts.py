@@ -11,6 +11,7 @@ from torch import nn
 
 from pgm_dist.checkpoint import EMA_FILE, MARKER, STATE_FILE, TOKENIZER_FILE, complete_checkpoints
 from pgm_dist.config import ModelConfig
+from pgm_dist.data.shards import VQ_FILE
 from pgm_dist.data.tokenizer import Tokenizer
 from pgm_dist.models import build_model
 
@@ -22,7 +23,7 @@ EXPORT_CONFIG = "config.json"
 class LoadedModel:
     model: nn.Module  # eval mode, EMA weights
     config: ModelConfig
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None for image models
     source: Path  # the export or checkpoint folder read
     info: dict  # export config.json or checkpoint pgm_state.json
 
@@ -63,7 +64,27 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", attention: 
         config.attention = attention
     model = build_model(config)
     model.load_state_dict(weights)
-    tokenizer = Tokenizer(source / TOKENIZER_FILE)
-    if tokenizer.sha256 != info["tokenizer_sha256"]:
-        raise ValueError(f"{source / TOKENIZER_FILE} is not the tokenizer this model was trained with")
+    tokenizer = None
+    if config.image_grid is None:  # image models decode codes to pixels: no tokenizer
+        tokenizer = Tokenizer(source / TOKENIZER_FILE)
+        if tokenizer.sha256 != info["tokenizer_sha256"]:
+            raise ValueError(f"{source / TOKENIZER_FILE} is not the tokenizer this model was trained with")
     return LoadedModel(model.to(device).eval(), config, tokenizer, source, info)
+
+
+def image_decoder_path(loaded: LoadedModel) -> Path | None:
+    """The VQ weights that turn an image model's codes into pixels: the export's copy, else the
+    training data folder's; None for the digits (grey levels need no decoder). Raises
+    FileNotFoundError when a VQ model's weights are in neither place."""
+    image = (loaded.info.get("data_meta") or {}).get("image") or {}
+    if image.get("vq") is None:
+        return None
+    candidates = [loaded.source / VQ_FILE]
+    data = training_data_folder(loaded.info)
+    if data is not None:
+        candidates.append(data / VQ_FILE)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"the VQ decoder of {loaded.source} is in none of {', '.join(map(str, candidates))}: "
+                            "export the model where its image data folder is, or copy vq.safetensors beside it")

@@ -240,7 +240,10 @@ def prepare_distillation(cfg: DistillConfig, env: DistEnv, device: torch.device)
         if trained_on is not None and trained_on.is_dir():
             cfg = dataclasses.replace(cfg, data=str(trained_on))
     model_config = ModelConfig.from_dict(teacher.info["model_config"])
+    if model_config.image_grid is not None:
+        raise ConfigError(f"the teacher {teacher.source} is an image PGM: SDTT distillation here is for text PGMs")
     model_config.attention = cfg.attention
+    model_config.loss_chunk, model_config.activation_checkpointing = cfg.loss_chunk, cfg.activation_checkpointing
     if cfg.dropout is not None:
         model_config.dropout = cfg.dropout
     setup = prepare(cfg, env, device, model_config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -73,3 +74,21 @@ def all_gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def shared_memory_buffers(addr: str | None = None, port: str | None = None) -> list[Path]:
+    """The ``/dev/shm`` files of DeepSpeed's CPU all-reduce for this user at ``addr:port``
+    (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, 67 MB each): DeepSpeed never
+    deletes them, so every CPU run would leave one per rank behind."""
+    addr = addr or os.environ.get("MASTER_ADDR", "")
+    port = port or os.environ.get("MASTER_PORT", "")
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*"))
+
+
+def release_shared_memory(env: DistEnv) -> None:
+    """Collective, at the end of a run: unlink this rank's all-reduce buffer once every rank is
+    past its last collective (the others' mappings stay valid until they exit)."""
+    barrier()
+    for path in shared_memory_buffers():
+        if path.name.endswith(f"_{env.rank}"):
+            path.unlink(missing_ok=True)

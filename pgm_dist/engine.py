@@ -16,7 +16,7 @@ from torch import nn
 from pgm_dist.distributed import DistEnv, all_reduce
 from pgm_dist.ema import EMA, local_values
 from pgm_dist.evaluate import nelbo_and_perplexity, nelbo_sums
-from pgm_dist.objectives import derived_seed, global_sample_indices, low_discrepancy_times, shared_uniform
+from pgm_dist.objectives import derived_seed, global_sample_indices, low_discrepancy_times, shared_uniform, unpack
 from pgm_dist.train_config import TrainConfig
 
 
@@ -114,14 +114,14 @@ class Engine:
         losses, data_wait = [], 0.0
         for micro in range(self.accum):
             start = time.perf_counter()
-            tokens = next(batches).to(self.device, non_blocking=True)
+            tokens, extra = unpack(next(batches), self.device)
             data_wait += time.perf_counter() - start
             index = global_sample_indices(self.micro_batch, self.env.rank, self.env.world_size, micro)
             t = low_discrepancy_times(u, index, self.global_batch, self.objective.t_min).to(self.device)
             seed = derived_seed(self.cfg.seed, step, self.env.rank, micro)
             torch.manual_seed(seed)  # dropout
             generator = torch.Generator(self.device).manual_seed(seed)
-            loss = self.objective.loss(self.ds, tokens, t, generator)
+            loss = self.objective.loss(self.ds, tokens, t, generator, **extra)
             self.ds.backward(loss)
             self.ds.step()
             losses.append(loss.detach())
@@ -148,5 +148,11 @@ class Engine:
         """A ZeRO-3 forward is collective: a rank with fewer validation batches than another (a split
         that does not divide evenly) runs as many discarded passes as it lacks. Agreed before any pass."""
         most = int(all_reduce(torch.tensor(float(len(batches)), device=self.device), "max").item())
-        filler = batches[-1] if batches else torch.zeros(1, self.module.config.seq_len, dtype=torch.long)
+        if batches:
+            filler = batches[-1]
+        else:  # a dummy micro-batch of this run's kind (image runs carry labels)
+            config = self.module.config
+            filler = torch.full((1, config.seq_len), config.bos_id, dtype=torch.long)
+            if config.image_grid is not None:
+                filler = (filler, torch.zeros(1, dtype=torch.long))
         return [filler] * (most - len(batches))

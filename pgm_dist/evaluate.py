@@ -10,7 +10,7 @@ from typing import Iterable
 
 import torch
 
-from pgm_dist.objectives import derived_seed, low_discrepancy_times
+from pgm_dist.objectives import derived_seed, low_discrepancy_times, unpack
 
 
 def nelbo_sums(model, objective, batches: Iterable[torch.Tensor], device: torch.device, seed: int,
@@ -21,12 +21,12 @@ def nelbo_sums(model, objective, batches: Iterable[torch.Tensor], device: torch.
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for index, tokens in enumerate(batches):
-            tokens = tokens.to(device)
+        for index, batch in enumerate(batches):
+            tokens, extra = unpack(batch, device)
             generator = torch.Generator(device).manual_seed(derived_seed(seed, rank, index))
             u = torch.rand((), generator=generator, device=device, dtype=torch.float64).item()
             t = low_discrepancy_times(u, torch.arange(tokens.shape[0]), tokens.shape[0], objective.t_min).to(device)
-            nelbo_sum, count = objective.nelbo(model, tokens, t, generator)
+            nelbo_sum, count = objective.nelbo(model, tokens, t, generator, **extra)
             total += torch.stack([nelbo_sum.double(), torch.tensor(float(count), device=device, dtype=torch.float64)])
     model.train(was_training)
     return total

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from pgm_dist.artifacts import EXPORT_CONFIG, EXPORT_WEIGHTS, load_model, training_data_folder
+from pgm_dist.artifacts import EXPORT_CONFIG, EXPORT_WEIGHTS, image_decoder_path, load_model, training_data_folder
 from pgm_dist.checkpoint import TOKENIZER_FILE
 from pgm_dist.cli import HelpFormatter
-from pgm_dist.data.shards import write_json_atomic
+from pgm_dist.data.shards import VQ_FILE, write_json_atomic
 
 
 def export(ckpt: str | Path, out: str | Path) -> Path:
@@ -21,12 +21,17 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
     save_file(state, str(out / EXPORT_WEIGHTS))
-    shutil.copyfile(loaded.source / TOKENIZER_FILE, out / TOKENIZER_FILE)
     data = training_data_folder(loaded.info)
     if data is not None and data.is_dir():
         data = data.resolve()  # so that `evaluate --model EXPORT` finds it from any folder
+    if loaded.tokenizer is not None:
+        shutil.copyfile(loaded.source / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    else:  # an image model: its pictures need the data folder's VQ decoder, if it has one
+        vq = image_decoder_path(loaded)
+        if vq is not None:
+            shutil.copyfile(vq, out / VQ_FILE)
     write_json_atomic(out / EXPORT_CONFIG, {
-        "model_config": loaded.config.to_dict(), "tokenizer_sha256": loaded.tokenizer.sha256,
+        "model_config": loaded.config.to_dict(), "tokenizer_sha256": loaded.info["tokenizer_sha256"],
         "step": loaded.info.get("step"), "data_meta": loaded.info.get("data_meta"),
         "data": str(data) if data is not None else None,
         "exported_from": str(loaded.source)})

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
@@ -66,7 +67,8 @@ class LoopParts:
     val_loader_factory: Callable[[], object]
     checkpointer: Checkpointer
     writer: NullWriter
-    sample_texts: Callable[[torch.nn.Module, int], list[str]]  # (model with EMA weights, step) -> texts
+    # (model with EMA weights, step) -> texts, or (image runs) a picture grid uint8 [H, W, 3]
+    sample: Callable[[torch.nn.Module, int], "list[str] | np.ndarray"]
     checkpoint_state: Callable[[TrainState], dict]  # pgm_state.json contents
     tokenizer_path: Path | None
     # Called with the completed step count right after each optimizer step, before that step's
@@ -183,7 +185,8 @@ class TrainingLoop:
             if status == "finished":
                 if not cfg.eval_every or state.step % cfg.eval_every:
                     self._evaluate()
-                self._sample()
+                if not cfg.sample_every or state.step % cfg.sample_every:
+                    self._sample()
                 if last_saved != state.step:
                     self.save()
         finally:
@@ -231,9 +234,12 @@ class TrainingLoop:
         if not (self.env.is_main or engine.ema.partitioned):
             return
         with engine.ema.applied_to(engine.module) as model:
-            texts = self.p.sample_texts(model, self.state.step)
+            samples = self.p.sample(model, self.state.step)
         if not self.env.is_main:
             return
-        self.last_texts = texts
+        if isinstance(samples, np.ndarray):
+            self.p.writer.image("samples/grid", samples, self.state.step)
+            return
+        self.last_texts = samples
         for i, text in enumerate(self.last_texts):
             self.p.writer.text(f"samples/{i}", text, self.state.step)

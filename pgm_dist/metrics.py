@@ -17,6 +17,9 @@ class NullWriter:
     def text(self, tag: str, text: str, step: int) -> None:
         pass
 
+    def image(self, tag: str, picture, step: int) -> None:
+        """picture: uint8 [H, W, 3]."""
+
     def close(self) -> None:
         pass
 
@@ -53,6 +56,10 @@ class TensorBoardWriter(NullWriter):
 
     def text(self, tag: str, text: str, step: int) -> None:
         self.by_step.add_text(tag, text, step)
+        self.by_step.flush()
+
+    def image(self, tag: str, picture, step: int) -> None:
+        self.by_step.add_image(tag, picture, step, dataformats="HWC")
         self.by_step.flush()
 
     def close(self) -> None:

@@ -63,9 +63,10 @@ class TrainConfig:
     log_every: int = _opt(10, "steps between TensorBoard scalars")
     eval_every: int = _opt(100, "steps between validation NELBO evaluations (0: only at the end)")
     eval_batches: int = _opt(20, "validation micro-batches per rank and evaluation")
-    sample_every: int = _opt(0, "steps between sampled texts in TensorBoard (0: only at the end)")
-    num_samples: int = _opt(3, "texts sampled each time")
+    sample_every: int = _opt(0, "steps between sampled texts (image runs: pictures) in TensorBoard (0: only at the end)")
+    num_samples: int = _opt(3, "texts sampled each time (image runs: pictures per class)")
     sample_steps: int = _opt(64, "sampling steps")
+    sample_cfg: float = _opt(2.0, "image runs: classifier-free guidance weight of the sample pictures")
     ckpt_every: int = _opt(100, "steps between checkpoints (0: only at the end)")
     ckpt_minutes: float = _opt(30.0, "also checkpoint when this many minutes passed since the last one (0: off)")
     keep_last: int = _opt(3, "complete checkpoints kept")
@@ -80,7 +81,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("eval_every", "sample_every", "ckpt_every", "warmup_steps", "loader_workers", "loss_chunk"):
+        for name in ("eval_every", "sample_every", "ckpt_every", "warmup_steps", "loader_workers", "loss_chunk",
+                     "sample_cfg"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.resume not in ("auto", "never") and not Path(self.resume).exists():

@@ -7,6 +7,8 @@ user can cause is raised by ``prepare`` before any distributed work starts.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -16,12 +18,12 @@ from pathlib import Path
 import torch
 
 from pgm_dist.checkpoint import find_resume_checkpoint, prepare_universal, read_state
-from pgm_dist.config import ModelConfig
+from pgm_dist.config import IMAGE_PRESETS, ModelConfig
 from pgm_dist.data.builder import BuildSettings, build
 from pgm_dist.data.loader import TrainLoader, ValidationLoader
 from pgm_dist.data.shards import DataError, DataFolder, write_json_atomic
 from pgm_dist.data.tokenizer import Tokenizer
-from pgm_dist.distributed import DistEnv, dist_env, init_process_group, select_device
+from pgm_dist.distributed import DistEnv, dist_env, init_process_group, release_shared_memory, select_device
 from pgm_dist.train_config import ConfigError, TrainConfig, resolve_ds_config
 
 DEFAULT_DATA = Path("data_shards/default")
@@ -49,7 +51,7 @@ class Setup:
     env: DistEnv
     device: torch.device
     folder: DataFolder
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None for image data (codes are decoded to pixels, not text)
     model_config: ModelConfig
     ds_config: dict
     train_loader: TrainLoader
@@ -73,14 +75,27 @@ def default_data(env: DistEnv, out: Path = DEFAULT_DATA, inputs: list[Path] | No
     return out
 
 
-def check_resume(checkpoint: Path, model_config: ModelConfig, tokenizer: Tokenizer) -> dict:
+def codec_sha256(folder: DataFolder, tokenizer: Tokenizer | None) -> str:
+    """What turns the data's ids into text or pictures, as a checksum a checkpoint records: the
+    tokenizer's (text), or the image folder's grid, codebook, classes and VQ config."""
+    if tokenizer is not None:
+        return tokenizer.sha256
+    return hashlib.sha256(json.dumps(folder.meta.image, sort_keys=True).encode()).hexdigest()
+
+
+# How, not what, a model computes: a checkpoint resumes under other values of these.
+VOLATILE_MODEL_FIELDS = ("attention", "preset_name", "loss_chunk", "activation_checkpointing")
+
+
+def check_resume(checkpoint: Path, model_config: ModelConfig, folder: DataFolder, tokenizer: Tokenizer | None) -> dict:
     saved = read_state(checkpoint)
-    if saved["tokenizer_sha256"] != tokenizer.sha256:
-        raise ConfigError(f"the tokenizer of the data ({tokenizer.path}) does not match the one checkpoint "
-                          f"{checkpoint} was trained with; use the same data folder or --resume never")
+    if saved["tokenizer_sha256"] != codec_sha256(folder, tokenizer):
+        what = f"the tokenizer of the data ({tokenizer.path})" if tokenizer else f"the image codes of {folder.path}"
+        raise ConfigError(f"{what} does not match the one checkpoint {checkpoint} was trained with; "
+                          "use the same data folder or --resume never")
     old, new = dict(saved["model_config"]), model_config.to_dict()
-    for volatile in ("attention", "preset_name"):
-        old.pop(volatile), new.pop(volatile)
+    for volatile in VOLATILE_MODEL_FIELDS:
+        old.pop(volatile, None), new.pop(volatile, None)
     if old != new:
         diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
         raise ConfigError(f"checkpoint {checkpoint} holds another model (checkpoint vs run: {diff}); "
@@ -112,22 +127,41 @@ def check_before_launch(cfg: TrainConfig, world_sizes: list[int], device: torch.
                           "change --global-batch / --micro-batch or the node range")
 
 
+def preset_for_data(cfg: TrainConfig, folder: DataFolder) -> ModelConfig:
+    """The ``--model`` preset at the data's vocabulary and length (and, for an image folder, its
+    grid and classes), with the run's model options."""
+    meta = folder.meta
+    options = {"attention": cfg.attention, "loss_chunk": cfg.loss_chunk,
+               "activation_checkpointing": cfg.activation_checkpointing}
+    if cfg.dropout is not None:
+        options["dropout"] = cfg.dropout
+    if folder.is_image != (cfg.model in IMAGE_PRESETS):
+        raise ConfigError(f"{folder.path} is an image folder: train an image preset ({', '.join(IMAGE_PRESETS)})"
+                          if folder.is_image else
+                          f"--model {cfg.model} is an image preset: give it an image data folder "
+                          "(python -m pgm_dist.data build-images)")
+    if folder.is_image:
+        bos = meta.special_ids["bos"]
+        return ModelConfig.preset(cfg.model, vocab_size=meta.vocab_size, seq_len=meta.seq_len, bos_id=bos,
+                                  eos_id=bos, num_classes=meta.image["num_classes"], image_grid=meta.image["grid"],
+                                  **options)
+    return ModelConfig.preset(cfg.model, vocab_size=meta.vocab_size, seq_len=meta.seq_len,
+                              bos_id=meta.special_ids["bos"], eos_id=meta.special_ids["eos"], **options)
+
+
 def prepare(cfg: TrainConfig, env: DistEnv, device: torch.device, model_config: ModelConfig | None = None) -> Setup:
     """``model_config``: default the ``--model`` preset at the data's vocabulary and length."""
     data_path = Path(cfg.data) if cfg.data else default_data(env)
     folder = DataFolder.open(data_path)
     meta = folder.meta
-    tokenizer = Tokenizer(folder.tokenizer_path)
-    overrides = {"dropout": cfg.dropout} if cfg.dropout is not None else {}
-    model_config = model_config or ModelConfig.preset(
-        cfg.model, vocab_size=meta.vocab_size, seq_len=meta.seq_len, attention=cfg.attention,
-        bos_id=meta.special_ids["bos"], eos_id=meta.special_ids["eos"], **overrides)
+    tokenizer = None if folder.is_image else Tokenizer(folder.tokenizer_path)
+    model_config = model_config or preset_for_data(cfg, folder)
     out = Path(cfg.out)
     resume_from = find_resume_checkpoint(cfg.resume, out / "checkpoints")
     ds_config = run_ds_config(cfg, env.world_size, device)
     universal = False
     if resume_from is not None:
-        saved = check_resume(resume_from, model_config, tokenizer)
+        saved = check_resume(resume_from, model_config, folder, tokenizer)
         stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         universal = saved["world_size"] != env.world_size or saved["zero_stage"] != stage
         if universal:
@@ -137,7 +171,7 @@ def prepare(cfg: TrainConfig, env: DistEnv, device: torch.device, model_config: 
         micro_batch=ds_config["train_micro_batch_size_per_gpu"], rank=env.rank, world_size=env.world_size,
         num_workers=cfg.loader_workers, seed=cfg.seed, shuffle_shards=cfg.shuffle_shards,
         samples_per_shard=None if cfg.train_shards else meta.samples_per_shard,
-        pin_memory=device.type == "cuda")
+        pin_memory=device.type == "cuda", labels=folder.is_image)
     return Setup(cfg, env, device, folder, tokenizer, model_config, ds_config, train_loader, resume_from,
                  universal, out)
 
@@ -176,22 +210,41 @@ def run(setup: Setup) -> str:
         if not has_val:
             return []
         return ValidationLoader(folder.val_sources, seq_len=folder.meta.seq_len, micro_batch=engine.micro_batch,
-                                rank=env.rank, world_size=env.world_size, max_batches=cfg.eval_batches)
+                                rank=env.rank, world_size=env.world_size, max_batches=cfg.eval_batches,
+                                labels=folder.is_image)
 
     def sample_texts(model, step: int) -> list[str]:
         generator = torch.Generator(device).manual_seed(cfg.seed * 7919 + step)
         tokens = generate(model, cfg.num_samples, cfg.sample_steps, generator=generator)
         return [setup.tokenizer.decode(row.tolist()) for row in tokens]
 
+    sample = sample_texts
+    if folder.is_image:
+        from pgm_dist.images.pictures import grid_array, pixel_decoder, sample_pictures, save_grid
+
+        decode = pixel_decoder(folder.vq_path)
+        classes = range(min(10, setup.model_config.num_classes))  # one row per class, at most 10
+
+        def sample(model, step: int):
+            """A grid of ``--num-samples`` pictures of each class: uint8 [H, W, 3] for TensorBoard,
+            and OUT/samples/step_XXXXXXXX.png."""
+            generator = torch.Generator(device).manual_seed(cfg.seed * 7919 + step)
+            pixels = sample_pictures(model, classes, cfg.num_samples, cfg.sample_steps, decode,
+                                     cfg=cfg.sample_cfg, generator=generator)
+            scale = max(1, 64 // pixels.shape[2])  # small grids (digits' 8x8) drawn larger
+            if env.is_main:
+                save_grid(pixels, setup.out / "samples" / f"step_{step:08d}.png", scale=scale)
+            return grid_array(pixels, scale=scale)
+
     def checkpoint_state(state) -> dict:
         return {"step": state.step, "train_state": state.state_dict(), "world_size": env.world_size,
                 "zero_stage": stage, "model_config": setup.model_config.to_dict(), "train_config": cfg.to_dict(),
-                "tokenizer_sha256": setup.tokenizer.sha256, "data_meta": folder.meta.to_dict()}
+                "tokenizer_sha256": codec_sha256(folder, setup.tokenizer), "data_meta": folder.meta.to_dict()}
 
     state = TrainState()
     checkpointer = Checkpointer(setup.out / "checkpoints", env, cfg.keep_last, cfg.ckpt_every, cfg.ckpt_minutes)
-    parts = LoopParts(engine, setup.train_loader, val_batches, checkpointer, None, sample_texts,
-                      checkpoint_state, setup.tokenizer.path)
+    parts = LoopParts(engine, setup.train_loader, val_batches, checkpointer, None, sample,
+                      checkpoint_state, setup.tokenizer.path if setup.tokenizer else None)
     loop = TrainingLoop(parts, state)
     setup.task.attach(loop, setup)
     if setup.resume_from is not None:
@@ -226,10 +279,14 @@ def run(setup: Setup) -> str:
         status = loop.run()
     finally:
         parts.writer.close()
+    release_shared_memory(env)
     if env.is_main:
         print(f"\n{status} at step {state.step}.")
         for i, text in enumerate(loop.last_texts):
             print(f"--- sample {i} (EMA weights, {cfg.sample_steps} steps) ---\n{text[:600]}")
+        if folder.is_image:
+            print(f"sample pictures (EMA weights, {cfg.sample_steps} steps, guidance {cfg.sample_cfg}): "
+                  f"{setup.out / 'samples'}")
         print(f"\nTensorBoard logs: {setup.out / 'tb'}   (tensorboard --logdir {setup.out / 'tb'})")
         print(f"checkpoints:      {setup.out / 'checkpoints'}")
     return status

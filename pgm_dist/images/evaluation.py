@@ -202,3 +202,28 @@ def extract_features(extractor: Callable[[torch.Tensor], torch.Tensor], images: 
 def fid(real_features, generated_features) -> float:
     """FID between two feature sets ``[N, D]`` and ``[M, D]``."""
     return frechet_distance(*feature_statistics(real_features), *feature_statistics(generated_features))
+
+
+# --- digits: quality per sampler setting ----------------------------------------------------------
+
+
+def digits_quality(model, classifier: DigitsClassifier, steps: Iterable[int], cfgs: Iterable[float],
+                   per_class: int = 20, seed: int = 0, order: str = "halton") -> list[dict]:
+    """Class accuracy and within-class diversity of ``per_class`` samples of each digit, for
+    each (steps, cfg): ``[{"steps", "cfg", "accuracy", "diversity"}]``. The same seed for every
+    setting, so the rows differ only by the setting."""
+    from pgm_dist.images.pictures import digits_pixels
+    from pgm_dist.images.sampling import sample_image_pgm
+
+    classes = model.config.num_classes
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    h, w = model.config.image_grid
+    rows = []
+    for k in steps:
+        for cfg in cfgs:
+            generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+            tokens = sample_image_pgm(model, labels, k, cfg=cfg, order=order, generator=generator)
+            grids = tokens[:, 1:].reshape(-1, h, w).cpu().numpy()
+            rows.append({"steps": k, "cfg": cfg, "accuracy": class_accuracy(classifier, grids, labels.numpy()),
+                         "diversity": diversity(digits_pixels(grids), labels.numpy())})
+    return rows

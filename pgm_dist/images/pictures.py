@@ -6,8 +6,10 @@ VQ codes through ``VQModel.decode_pixels``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 from pgm_dist.data.images import DIGITS_LEVELS
 
@@ -57,3 +59,33 @@ def save_grid(pixels, path: str | Path, scale: int = 1, gap: int = 2) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid_array(pixels, scale, gap)).save(path, format="PNG")
     return path
+
+
+def pixel_decoder(vq_path: str | Path | None) -> Callable[[torch.Tensor], np.ndarray]:
+    """Codes ``LongTensor[N, h, w]`` -> pixels ``float32 [N, H, W, C]`` in [0, 1]: the grey levels
+    themselves for the digits (``vq_path`` None), else the VQ decoder of an image folder."""
+    if vq_path is None:
+        return lambda codes: digits_pixels(codes.cpu().numpy())
+    from pgm_dist.images.vq import load_vq
+
+    vq = load_vq(vq_path).eval()
+
+    @torch.no_grad()
+    def decode(codes: torch.Tensor) -> np.ndarray:
+        return vq.decode_pixels(codes)
+
+    return decode
+
+
+def sample_pictures(model, classes: Sequence[int], per_class: int, steps: int,
+                    decode: Callable[[torch.Tensor], np.ndarray], **sampler) -> np.ndarray:
+    """``per_class`` samples of each class (one row per class) through the efficient Halton
+    sampler (``sampler``: cfg, cfg_ramp, temperature, order, generator) and ``decode``:
+    pixels ``[len(classes), per_class, H, W, C]`` in [0, 1], for :func:`grid_array` / :func:`save_grid`."""
+    from pgm_dist.images.sampling import sample_image_pgm
+
+    h, w = model.config.image_grid
+    labels = torch.tensor(list(classes), dtype=torch.long).repeat_interleave(per_class)
+    tokens = sample_image_pgm(model, labels, steps, **sampler)
+    pixels = decode(tokens[:, 1:].reshape(-1, h, w))
+    return pixels.reshape(len(classes), per_class, *pixels.shape[1:])

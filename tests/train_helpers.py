@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pgm_dist.distributed import shared_memory_buffers
 from pgm_dist.metrics import TOKENS_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,14 +29,19 @@ def run_train(args: list[str], *, ranks: int | None = None, env: dict | None = N
     """``deepspeed [--num_gpus N] SCRIPT ARGS`` from the repository root (SCRIPT: train.py or distill.py)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // (ranks or 1))), "PYTHONUNBUFFERED": "1",
                 **(env or {})}
+    port = free_port()
     if launcher:
-        cmd = [DEEPSPEED, "--master_port", str(free_port())]
+        cmd = [DEEPSPEED, "--master_port", str(port)]
         if ranks:
             cmd += ["--num_gpus", str(ranks)]
     else:
         cmd = [sys.executable]
     cmd += [script, "--no-progress", *args]
-    done = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    try:
+        done = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    finally:  # what a killed run could not unlink itself (a finished one does, pgm_dist.training.run)
+        for path in shared_memory_buffers("127.0.0.1", str(port)):
+            path.unlink(missing_ok=True)
     if check and done.returncode != 0:
         raise AssertionError(f"training failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}")
     return done

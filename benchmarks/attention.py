@@ -7,6 +7,9 @@ call and each backend's speed-up over ``reference``, per mode.
 GPU: ``python benchmarks/attention.py`` (L 1024/2048/4096, batch 8, d 768/12 and 1024/16
 heads, bf16). On a CPU the defaults shrink and only ``reference`` and ``flex`` run.
 
+``--target RATIO`` adds a line saying whether ``triton`` is at least RATIO times faster than
+``reference`` at ``--target-length`` in every shape and mode (the issue's goal: 2.5 at L 1024).
+
 ``--check TOL`` times nothing: it prints each backend's max abs error in the output and
 the three gradients, run in ``--dtype``, against ``reference`` in fp32 on the same
 (rounded) inputs, and exits with status 1 when an error exceeds ``TOL`` times the largest
@@ -36,7 +39,16 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check", type=float, metavar="TOL", help="compare with fp32 reference instead of timing")
-    return p.parse_args(argv)
+    p.add_argument("--target", type=float, metavar="RATIO",
+                   help="print whether triton is RATIO x faster than reference at --target-length")
+    p.add_argument("--target-length", type=int, default=1024)
+    args = p.parse_args(argv)
+    if args.target is not None:
+        if args.check is not None or not {"reference", "triton"} <= set(args.backends):
+            p.error("--target times triton against reference: give both in --backends, without --check")
+        if args.target_length not in args.lengths:
+            p.error(f"--target-length {args.target_length} is not one of --lengths {args.lengths}")
+    return args
 
 
 def time_backend(backend, q, k, v, mask, grad_out, repeats, device) -> float:
@@ -113,7 +125,18 @@ def main(argv=None) -> list[dict]:
                     rows.append(dict(shape=shape, L=L, mode=mode, **times))
                     print(f"{shape:<8} {L:>5} {mode:<12} "
                           + " ".join(f"{times[b]:>13.2f} {base / times[b]:>5.2f}x" for b in args.backends))
+    if args.target is not None:
+        print(target_verdict(rows, args.target, args.target_length))
     return rows
+
+
+def target_verdict(rows: list[dict], target: float, length: int) -> str:
+    """One line: whether triton's speed-up over reference (ms ratio) reaches ``target`` in every
+    timed row of length ``length``, with each row's speed-up."""
+    ratios = {f"{r['shape']} {r['mode']}": r["reference"] / r["triton"] for r in rows if r["L"] == length}
+    verdict = "MET" if all(x >= target for x in ratios.values()) else "NOT MET"
+    return (f"ATTENTION TARGET (triton >= {target}x reference at L {length}): {verdict}; "
+            + ", ".join(f"{k} {x:.2f}x" for k, x in ratios.items()))
 
 
 if __name__ == "__main__":

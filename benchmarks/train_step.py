@@ -1,8 +1,13 @@
 """Tokens/s, achieved FLOP/s and peak memory of one training step (forward, backward,
-AdamW), per preset, attention backend, loss chunk, activation checkpointing and
+AdamW), per engine, preset, attention backend, loss chunk, activation checkpointing and
 ``torch.compile``, beside this machine's dense matmul rate measured in the same run.
 FLOPs are model FLOPs counting only the attention pairs the partition allows
 (``pgm_dist.flops``), the numerator of MFU (printed for GPUs of known bf16 peak).
+
+Engines: ``plain`` is a torch AdamW step under autocast; ``deepspeed`` is what training runs:
+``pgm_dist.engine.Engine`` (DeepSpeed with ``--ds-config``, ZeRO-2 by default, as one rank of
+one, micro-batch = global batch = ``--batch``; bf16 weights when ``--dtype bfloat16``), its EMA
+and ``Engine.train_step`` on random tokens.
 
 Each configuration runs in a fresh process, so its peak memory is its own: on a GPU
 ``torch.cuda.max_memory_allocated``, on a CPU the peak RSS above the RSS before the
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import itertools
+import logging
 import multiprocessing
 import os
 import resource
@@ -24,15 +30,20 @@ import torch
 
 from pgm_dist import ModelConfig, build_model
 from pgm_dist.attention import available_backends
+from pgm_dist.distributed import dist_env, release_shared_memory
 from pgm_dist.flops import peak_flops, training_flops_per_token
 from pgm_dist.objectives import objective_for
 
 ON_OFF = {"off": False, "on": True}
+ENGINES = ("plain", "deepspeed")
 
 
 def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engines", nargs="+", choices=ENGINES, default=["plain"],
+                   help="plain: torch AdamW under autocast; deepspeed: pgm_dist's Engine as one rank")
+    p.add_argument("--ds-config", default="ds_configs/zero2.json", help="DeepSpeed config of the deepspeed engine")
     p.add_argument("--presets", nargs="+", default=["pgm-tiny", "pgm-small"])
     p.add_argument("--backends", nargs="+", default=sorted(available_backends(), key=lambda b: b != "reference"),
                    help="attention backends; the first is the baseline of the speed-up column")
@@ -47,7 +58,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10 if cuda else 3, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16" if cuda else "float32")
-    return p.parse_args(argv)
+    p.add_argument("--target-mfu", type=float, metavar="FRACTION",
+                   help="print whether the best row reaches this MFU (0.4: 40%%; needs a GPU of known peak)")
+    args = p.parse_args(argv)
+    if "deepspeed" in args.engines and not os.path.isfile(args.ds_config):
+        p.error(f"--ds-config {args.ds_config}: no such file (run from the repository root)")
+    return args
 
 
 def _sync(device):
@@ -71,22 +87,14 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def step_rate(preset: str, backend: str, loss_chunk: int, checkpointing: bool, compile: bool,
-              args) -> tuple[float, float, float]:
-    """Run in a fresh process: (tokens/s, model FLOP/s, peak memory in bytes)."""
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    rss_before = _rss_bytes()
-    config = ModelConfig.preset(preset, vocab_size=args.vocab_size, seq_len=args.seq_len, attention=backend,
-                                loss_chunk=loss_chunk, activation_checkpointing=checkpointing)
-    model = build_model(config).to(device)
-    if compile:
-        model.compile()
+def plain_step(model, config, args, device, dtype):
+    """A step function of a torch AdamW over ``model`` under autocast to ``dtype``."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     objective = objective_for(config)
     tokens = torch.randint(0, args.vocab_size, (args.batch, args.seq_len), device=device)
     generator = torch.Generator(device).manual_seed(0)
 
-    def step():
+    def step(_):
         t = torch.rand(args.batch, device=device, generator=generator)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = objective.loss(model, tokens, t, generator)
@@ -94,20 +102,63 @@ def step_rate(preset: str, backend: str, loss_chunk: int, checkpointing: bool, c
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(2):
-        step()
+    return model, step
+
+
+def engine_step(model, config, args, device, compile):
+    """``pgm_dist.engine.Engine`` over ``model`` as the only rank (this process's own process
+    group) and its step function; returns the module it trains and the step."""
+    import deepspeed
+
+    from pgm_dist.distributed import dist_env, init_process_group
+    from pgm_dist.engine import Engine
+    from pgm_dist.train_config import TrainConfig
+    from pgm_dist.training import run_ds_config
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    env = dist_env()
+    init_process_group(device)
+    cfg = TrainConfig(ds_config=args.ds_config, micro_batch=args.batch, global_batch=args.batch,
+                      loss_chunk=config.loss_chunk, activation_checkpointing=config.activation_checkpointing,
+                      compile=compile, warmup_steps=0)
+    ds_config = run_ds_config(cfg, env.world_size, device)
+    ds_config["bf16"]["enabled"] = args.dtype == "bfloat16"
+    engine = Engine(model, objective_for(config), cfg, ds_config, env, device)
+    batches = itertools.repeat(torch.randint(0, args.vocab_size, (args.batch, args.seq_len), device=device))
+    return engine.module, lambda step: engine.train_step(batches, step)
+
+
+def step_rate(engine: str, preset: str, backend: str, loss_chunk: int, checkpointing: bool, compile: bool,
+              args) -> tuple[float, float, float]:
+    """Run in a fresh process: (tokens/s, model FLOP/s, peak memory in bytes)."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    rss_before = _rss_bytes()
+    config = ModelConfig.preset(preset, vocab_size=args.vocab_size, seq_len=args.seq_len, attention=backend,
+                                loss_chunk=loss_chunk, activation_checkpointing=checkpointing)
+    torch.manual_seed(0)
+    model = build_model(config).to(device)
+    if engine == "deepspeed":
+        model, step = engine_step(model, config, args, device, compile)
+    else:
+        if compile:
+            model.compile()
+        model, step = plain_step(model, config, args, device, dtype)
+    for i in range(2):
+        step(i)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
+    for i in range(2, 2 + args.steps):
+        step(i)
     _sync(device)
     tokens_per_s = args.steps * args.batch * args.seq_len / (time.perf_counter() - start)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:  # ru_maxrss: KiB on Linux
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    if engine == "deepspeed":  # DeepSpeed's CPU all-reduce buffer in /dev/shm, never deleted by DeepSpeed
+        release_shared_memory(dist_env())
     return tokens_per_s, tokens_per_s * training_flops_per_token(model, config), peak
 
 
@@ -120,22 +171,37 @@ def main(argv=None) -> None:
           f"dense matmul rate measured here: {rate / 1e12:.3f} TFLOP/s"
           + (f"; MFU against a bf16 peak of {gpu_peak / 1e12:.0f} TFLOP/s" if gpu_peak else ""))
     memory = "peak alloc MiB" if device.type == "cuda" else "peak RSS+ MiB"
-    print(f"{'preset':<12} {'backend':<10} {'chunk':>6} {'ckpt':>4} {'comp':>4} {'tokens/s':>10} {'TFLOP/s':>8} "
-          f"{'of matmul':>9} {'MFU':>6} {memory:>14} {'vs first':>8}")
-    # A fresh process per configuration: its peak memory and compile caches are its own.
+    print(f"{'engine':<9} {'preset':<12} {'backend':<10} {'chunk':>6} {'ckpt':>4} {'comp':>4} {'tokens/s':>10} "
+          f"{'TFLOP/s':>8} {'of matmul':>9} {'MFU':>6} {memory:>14} {'vs first':>8}")
+    # A fresh process per configuration: its peak memory, compile caches and process group are its own.
     spawn = multiprocessing.get_context("spawn")
+    rows = []
     for preset in args.presets:
         baseline = None
-        for backend, chunk, ckpt, comp in itertools.product(args.backends, args.loss_chunks, args.checkpointing,
-                                                            args.compile):
+        for engine, backend, chunk, ckpt, comp in itertools.product(args.engines, args.backends, args.loss_chunks,
+                                                                    args.checkpointing, args.compile):
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-                tokens_per_s, flops, peak = pool.submit(step_rate, preset, backend, chunk, ON_OFF[ckpt],
+                tokens_per_s, flops, peak = pool.submit(step_rate, engine, preset, backend, chunk, ON_OFF[ckpt],
                                                         ON_OFF[comp], args).result()
             baseline = baseline or tokens_per_s
-            mfu = f"{flops / gpu_peak:.1%}" if gpu_peak else "-"
-            print(f"{preset:<12} {backend:<10} {chunk:>6} {ckpt:>4} {comp:>4} {tokens_per_s:>10,.0f} "
-                  f"{flops / 1e12:>8.3f} {flops / rate:>9.1%} {mfu:>6} {peak / 2**20:>14,.0f} "
-                  f"{tokens_per_s / baseline:>7.2f}x", flush=True)
+            mfu = flops / gpu_peak if gpu_peak else None
+            name = f"{engine:<9} {preset:<12} {backend:<10} {chunk:>6} {ckpt:>4} {comp:>4}"
+            rows.append((name, mfu))
+            print(f"{name} {tokens_per_s:>10,.0f} {flops / 1e12:>8.3f} {flops / rate:>9.1%} "
+                  f"{'-' if mfu is None else f'{mfu:.1%}':>6} {peak / 2**20:>14,.0f} {tokens_per_s / baseline:>7.2f}x",
+                  flush=True)
+    if args.target_mfu is not None:
+        print(mfu_verdict(rows, args.target_mfu, device))
+
+
+def mfu_verdict(rows: list[tuple[str, float | None]], target: float, device: torch.device) -> str:
+    """One line: whether the best of ``rows`` ((configuration, MFU or None)) reaches ``target``."""
+    known = [(mfu, name) for name, mfu in rows if mfu is not None]
+    if not known:
+        return f"MFU TARGET (>= {target:.0%}): not checked, no bf16 peak known for {device}"
+    best, name = max(known)
+    verdict = "MET" if best >= target else "NOT MET"
+    return f"MFU TARGET (>= {target:.0%}): {verdict}, best {best:.1%} ({' '.join(name.split())})"
 
 
 if __name__ == "__main__":

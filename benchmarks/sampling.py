@@ -68,6 +68,8 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         print(f"{r['model']:<8} {r['preset']:<14} {r['params_m']:>10.1f} {r['seconds']:>9.2f} "
               f"{r['tokens_per_s']:>10.1f} {r['tokens_per_s'] / baseline:>7.2f}x")
+    print(f"SAMPLING PGM / MDLM: {rows[1]['tokens_per_s'] / baseline:.2f}x tokens/s (the paper: 5.3x on a GPU at "
+          "batch 32, L 1024, 128 steps)")
     return rows
 
 

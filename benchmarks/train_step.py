@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import itertools
+import json
 import logging
 import multiprocessing
 import os
 import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -170,6 +172,10 @@ def main(argv=None) -> None:
     print(f"device {device}, {args.dtype}, batch {args.batch} x L {args.seq_len}, V {args.vocab_size}; "
           f"dense matmul rate measured here: {rate / 1e12:.3f} TFLOP/s"
           + (f"; MFU against a bf16 peak of {gpu_peak / 1e12:.0f} TFLOP/s" if gpu_peak else ""))
+    if "deepspeed" in args.engines:
+        stage = json.loads(Path(args.ds_config).read_text()).get("zero_optimization", {}).get("stage", 0)
+        print(f"engine deepspeed: pgm_dist.engine.Engine, {args.ds_config} (ZeRO-{stage}) as one rank, "
+              f"micro-batch = global batch = {args.batch}, {'bf16' if args.dtype == 'bfloat16' else 'fp32'} weights")
     memory = "peak alloc MiB" if device.type == "cuda" else "peak RSS+ MiB"
     print(f"{'engine':<9} {'preset':<12} {'backend':<10} {'chunk':>6} {'ckpt':>4} {'comp':>4} {'tokens/s':>10} "
           f"{'TFLOP/s':>8} {'of matmul':>9} {'MFU':>6} {memory:>14} {'vs first':>8}")

@@ -117,7 +117,7 @@ def check_before_launch(cfg: TrainConfig, world_sizes: list[int], device: torch.
     """What :func:`prepare` would reject at any of ``world_sizes``, checked where the job is submitted
     (raises ``USER_ERRORS``; starts nothing)."""
     if cfg.data:
-        DataFolder.open(Path(cfg.data))
+        preset_for_data(cfg, DataFolder.open(Path(cfg.data)))  # the data exists and suits --model
     ds_config = run_ds_config(cfg, 1, device)
     batch, micro = ds_config["train_batch_size"], ds_config["train_micro_batch_size_per_gpu"]
     allowed = allowed_world_sizes(batch, micro)

@@ -16,9 +16,9 @@ Quality (``--model RUN_OR_EXPORT`` of a digits model): the digits classifier's a
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from sampling import _time  # benchmarks/sampling.py (this script's folder is on sys.path)
 
 from pgm_dist import ModelConfig, build_model, count_parameters
 from pgm_dist.images.sampling import sample_image_mdlm, sample_image_pgm
@@ -46,16 +46,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def speed_rows(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     rows = []
     for grid in args.grids:
@@ -78,7 +68,7 @@ def speed_rows(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
                 sampler(model, labels, steps, grid=(side, side), cfg=args.cfg, generator=generator)
 
             run(steps=2)  # warm-up
-            seconds = min(_timed(run, device) for _ in range(args.repeats))
+            seconds = min(_time(run, device) for _ in range(args.repeats))
             images_per_s = args.batch / seconds
             baseline = baseline or images_per_s
             rows.append(dict(grid=f"{side}x{side}", sampler=name, params_m=count_parameters(model) / 1e6,

@@ -12,6 +12,15 @@ ARCHITECTURES = ("pgm", "mdlm")
 ATTENTION_BACKENDS = ("auto", "reference", "flex", "triton")
 
 
+def config_from_dict(cls, values: dict, what: str):
+    """``cls(**values)`` for a dataclass config, refusing unknown keys with the valid ones listed."""
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ValueError(f"unknown {what} field(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    return cls(**values)
+
+
 @dataclass
 class ModelConfig:
     arch: str = "pgm"  # "pgm" or "mdlm"
@@ -92,11 +101,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
-        return cls(**values)
+        return config_from_dict(cls, values, "ModelConfig")
 
 
 # Head dim 64 everywhere, as in every configuration of the papers.

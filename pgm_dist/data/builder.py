@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from pgm_dist.data.documents import Document, default_corpus_paths, files_fingerprint, iter_documents, list_files
 from pgm_dist.data.shards import (
-    BUILDER_VERSION, META_FILE, TOKENIZER_FILE, DatasetMeta, SplitInfo, token_dtype, write_json_atomic, write_shard,
+    BUILDER_VERSION, META_FILE, TOKENIZER_FILE, DatasetMeta, SplitInfo, reuse_or_reset, token_dtype, write_json_atomic,
+    write_shard,
 )
 from pgm_dist.data.tokenizer import SPECIAL_IDS, Tokenizer, file_sha256, train_tokenizer
 
@@ -206,16 +207,9 @@ def build(out: Path, inputs: list[Path] | None = None, settings: BuildSettings |
     tokenizer_fingerprint = hashlib.sha256(json.dumps(
         [BUILDER_VERSION, settings.vocab_size, settings.model_type, files_fingerprint(files)]).encode()).hexdigest()
 
-    if (out / META_FILE).is_file():
-        meta = DatasetMeta.load(out)
-        if meta.settings_fingerprint == fingerprint:
-            log(f"{out} is up to date ({meta.train.shards} train / {meta.val.shards} val shards); reusing it")
-            return meta
-        log(f"{out} was built from other inputs or settings; rebuilding it")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / META_FILE).unlink(missing_ok=True)  # the folder is unfinished from here on
-    for old in list(out.glob("train-*.tar")) + list(out.glob("val-*.tar")) + list(out.glob("*.tar.tmp")):
-        old.unlink()
+    reused = reuse_or_reset(out, fingerprint, log)
+    if reused is not None:
+        return reused
 
     tokenizer = _prepare_tokenizer(out, files, settings, tokenizer_fingerprint, log)
     dtype = token_dtype(tokenizer.vocab_size)

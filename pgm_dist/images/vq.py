@@ -23,6 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pgm_dist.config import config_from_dict
+
 # LlamaGen's training-time ring buffer of recently used codes: not needed to encode or decode.
 USAGE_BUFFER_KEY = "quantize.codebook_used"
 CONFIG_METADATA_KEY = "vq_config"
@@ -68,11 +70,7 @@ class VQConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "VQConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown VQ config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**values)
+        return config_from_dict(cls, values, "VQ config")
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:

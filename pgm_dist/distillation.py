@@ -215,15 +215,13 @@ class DistillTask(Task):
         from pgm_dist.gen_ppl import sample_quality
 
         engine, state = loop.p.engine, loop.state
-        if not (setup.env.is_main or engine.ema.partitioned):
-            return
         steps = engine.objective.sampling_steps(round_index)
         generator = torch.Generator(setup.device).manual_seed(self.cfg.seed * 7919 + state.step)
-        with engine.ema.applied_to(engine.module) as model:
-            quality, texts = sample_quality(model, self.cfg.eval_samples, steps, generator, setup.tokenizer.decode,
-                                            self.evaluator)
-        if not setup.env.is_main:  # under ZeRO-3 every rank sampled the same sequences (collective forwards)
+        result = engine.sample_with_ema(lambda model: sample_quality(
+            model, self.cfg.eval_samples, steps, generator, setup.tokenizer.decode, self.evaluator))
+        if result is None:  # not rank 0
             return
+        quality, texts = result
         values = {f"eval/{name}": value for name, value in quality.items()}
         loop.p.writer.scalars(values, state.step, state.tokens_seen)
         loop.p.writer.text("distill/sample", texts[0], state.step)

@@ -132,6 +132,16 @@ class Engine:
         norm = float(norm) if norm is not None else None
         return StepResult(torch.stack(losses).mean(), norm, applied, data_wait)
 
+    def sample_with_ema(self, sample):
+        """``sample(model with the EMA weights)`` on rank 0, and under ZeRO-3 on every rank (its
+        forwards are collective: ``sample`` must draw the same on every rank, e.g. from one seeded
+        generator). Returns the result on rank 0, None on the others."""
+        if not (self.env.is_main or self.ema.partitioned):
+            return None
+        with self.ema.applied_to(self.module) as model:
+            result = sample(model)
+        return result if self.env.is_main else None
+
     def evaluate(self, val_batches, seed: int = 1234) -> tuple[float, float]:
         """Validation NELBO per token and perplexity with the EMA weights, over all ranks."""
         filler = []

@@ -230,12 +230,8 @@ class TrainingLoop:
     def _sample(self) -> None:
         """Rank 0 samples; under ZeRO-3 every rank does (same generator, so the same collective
         forwards and the same texts) and rank 0 logs."""
-        engine = self.p.engine
-        if not (self.env.is_main or engine.ema.partitioned):
-            return
-        with engine.ema.applied_to(engine.module) as model:
-            samples = self.p.sample(model, self.state.step)
-        if not self.env.is_main:
+        samples = self.p.engine.sample_with_ema(lambda model: self.p.sample(model, self.state.step))
+        if samples is None:  # not rank 0
             return
         if isinstance(samples, np.ndarray):
             self.p.writer.image("samples/grid", samples, self.state.step)

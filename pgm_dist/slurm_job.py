@@ -139,6 +139,11 @@ class JobTask:
         status = entry.run(setup)
         if status == "preempted":  # saved on every rank: now requeue (rank 0; the others return)
             RequeueAfterSave(started, self.signal_delay_s).checkpoint_and_try_requeue(signal.SIGUSR2)
+        else:
+            # Finished: a time-limit warning now means nothing. Python resets the handlers it installed
+            # (the loop's) to the default action, terminate, while it shuts down, so a warning arriving
+            # then turned a completed job into a FAILED one; an ignored signal stays ignored.
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         return status
 
     def checkpoint(self) -> DelayedSubmission:

@@ -34,7 +34,7 @@ from pgm_dist import ModelConfig, build_model
 from pgm_dist.attention import available_backends
 from pgm_dist.distributed import dist_env, release_shared_memory
 from pgm_dist.flops import peak_flops, training_flops_per_token
-from pgm_dist.objectives import objective_for
+from pgm_dist.training import objective_for
 
 ON_OFF = {"off": False, "on": True}
 ENGINES = ("plain", "deepspeed")

@@ -11,6 +11,7 @@ from torch import nn
 
 from pgm_dist.checkpoint import EMA_FILE, MARKER, STATE_FILE, TOKENIZER_FILE, complete_checkpoints
 from pgm_dist.config import ModelConfig
+from pgm_dist.data.default import DEFAULT_DATA
 from pgm_dist.data.shards import VQ_FILE
 from pgm_dist.data.tokenizer import Tokenizer
 from pgm_dist.models import build_model
@@ -45,8 +46,6 @@ def training_data_folder(info: dict) -> Path | None:
     ``--data``, else the built-in corpus's folder) or its export's ``config.json`` records it.
     A relative path is relative to where training ran; None for an export that predates the record."""
     if "train_config" in info:
-        from pgm_dist.training import DEFAULT_DATA  # what a run without --data trains on
-
         return Path(info["train_config"].get("data") or DEFAULT_DATA)
     return Path(info["data"]) if info.get("data") else None
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from pgm_dist.distributed import DistEnv, all_reduce
 from pgm_dist.ema import EMA, local_values
-from pgm_dist.evaluate import nelbo_and_perplexity, nelbo_sums
+from pgm_dist.evaluation.nelbo import nelbo_and_perplexity, nelbo_sums
 from pgm_dist.objectives import derived_seed, global_sample_indices, low_discrepancy_times, shared_uniform, unpack
 from pgm_dist.train_config import TrainConfig
 

@@ -4,39 +4,11 @@ shards of the data folder the model was trained on."""
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from typing import Iterable
 
 import torch
 
-from pgm_dist.objectives import derived_seed, low_discrepancy_times, unpack
-
-
-def nelbo_sums(model, objective, batches: Iterable[torch.Tensor], device: torch.device, seed: int,
-               rank: int = 0) -> torch.Tensor:
-    """``[sum of NELBO terms, token count]`` (float64) over ``batches``; noise levels and
-    partitions are seeded per (seed, rank, batch index)."""
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for index, batch in enumerate(batches):
-            tokens, extra = unpack(batch, device)
-            generator = torch.Generator(device).manual_seed(derived_seed(seed, rank, index))
-            u = torch.rand((), generator=generator, device=device, dtype=torch.float64).item()
-            t = low_discrepancy_times(u, torch.arange(tokens.shape[0]), tokens.shape[0], objective.t_min).to(device)
-            nelbo_sum, count = objective.nelbo(model, tokens, t, generator, **extra)
-            total += torch.stack([nelbo_sum.double(), torch.tensor(float(count), device=device, dtype=torch.float64)])
-    model.train(was_training)
-    return total
-
-
-def nelbo_and_perplexity(total: torch.Tensor) -> tuple[float, float]:
-    if total[1] == 0:
-        return float("nan"), float("nan")
-    nelbo = (total[0] / total[1]).item()
-    return nelbo, math.exp(min(nelbo, 700.0))
+from pgm_dist.evaluation.nelbo import nelbo_and_perplexity, nelbo_sums
 
 
 def main(argv=None) -> int:
@@ -45,7 +17,7 @@ def main(argv=None) -> int:
     from pgm_dist.data.loader import ValidationLoader
     from pgm_dist.data.shards import DataError, DataFolder
     from pgm_dist.gen_ppl import load_evaluator, sample_quality
-    from pgm_dist.objectives import objective_for
+    from pgm_dist.training import objective_for
 
     parser = argparse.ArgumentParser(prog="python -m pgm_dist.evaluate", description=__doc__,
                                      formatter_class=HelpFormatter)

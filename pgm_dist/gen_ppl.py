@@ -5,7 +5,6 @@ generative perplexity alone would reward.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pgm_dist.evaluation.nelbo import perplexity
 from pgm_dist.train_config import ConfigError
 
 
@@ -75,7 +75,7 @@ def nll_sum(evaluator: Evaluator, texts: list[str]) -> tuple[float, int]:
 def generative_perplexity(evaluator: Evaluator, texts: list[str]) -> float:
     """``exp`` of the mean NLL per predicted token over all ``texts`` (token-weighted)."""
     total, count = nll_sum(evaluator, texts)
-    return math.exp(min(total / count, 700.0)) if count else float("nan")
+    return perplexity(total / count) if count else float("nan")
 
 
 def unigram_entropy(tokens: Tensor) -> float:

@@ -139,17 +139,6 @@ class MDLMObjective:
         return total / count
 
 
-def objective_for(config):
-    """The pre-training objective of a model config: PGM, MDLM, or (an image grid) the image one."""
-    if config.image_grid is not None:
-        from pgm_dist.images.objective import ImageObjective
-
-        if config.arch != "pgm" or not config.num_classes:
-            raise ValueError("image training needs a class-conditional PGM (a pgm-img-* preset)")
-        return ImageObjective(num_classes=config.num_classes)
-    return PGMObjective() if config.arch == "pgm" else MDLMObjective(mask_id=config.mask_id)
-
-
 def unpack(batch, device: torch.device) -> tuple[Tensor, dict]:
     """A loader batch on ``device`` -> (tokens, the objective's extra keyword arguments): text
     loaders yield token tensors, image loaders ``(tokens, labels)``."""

@@ -19,8 +19,9 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from pgm_dist.objectives import LogLinearSchedule, objective_for, partition_groups
+from pgm_dist.objectives import LogLinearSchedule, partition_groups
 from pgm_dist.sampling import sample_categorical
+from pgm_dist.training import objective_for
 
 # The file beside the DeepSpeed shards that holds the teacher's weights of a checkpoint.
 TEACHER_FILE = "teacher.safetensors"

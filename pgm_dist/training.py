@@ -6,7 +6,6 @@ user can cause is raised by ``prepare`` before any distributed work starts.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -19,14 +18,24 @@ import torch
 
 from pgm_dist.checkpoint import find_resume_checkpoint, prepare_universal, read_state
 from pgm_dist.config import IMAGE_PRESETS, ModelConfig
-from pgm_dist.data.builder import BuildSettings, build
+from pgm_dist.data.default import default_data
 from pgm_dist.data.loader import TrainLoader, ValidationLoader
 from pgm_dist.data.shards import DataError, DataFolder, write_json_atomic
 from pgm_dist.data.tokenizer import Tokenizer
 from pgm_dist.distributed import DistEnv, dist_env, init_process_group, release_shared_memory, select_device
+from pgm_dist.images.objective import ImageObjective
+from pgm_dist.models import build_model
+from pgm_dist.objectives import MDLMObjective, PGMObjective
 from pgm_dist.train_config import ConfigError, TrainConfig, resolve_ds_config
 
-DEFAULT_DATA = Path("data_shards/default")
+
+def objective_for(config):
+    """The pre-training objective of a model config: PGM, MDLM, or (an image grid) the image one."""
+    if config.image_grid is not None:
+        if config.arch != "pgm" or not config.num_classes:
+            raise ValueError("image training needs a class-conditional PGM (a pgm-img-* preset)")
+        return ImageObjective(num_classes=config.num_classes)
+    return PGMObjective() if config.arch == "pgm" else MDLMObjective(mask_id=config.mask_id)
 
 
 class Task:
@@ -35,9 +44,6 @@ class Task:
 
     def build(self, setup: "Setup") -> tuple[torch.nn.Module, object]:
         """The model to train, weights initialised, and its objective (before DeepSpeed)."""
-        from pgm_dist.models import build_model
-        from pgm_dist.objectives import objective_for
-
         return build_model(setup.model_config), objective_for(setup.model_config)
 
     def attach(self, loop, setup: "Setup") -> None:
@@ -60,19 +66,6 @@ class Setup:
     out: Path
     launch: dict = field(default_factory=dict)  # who started this process (SLURM job id, nodes), logged at start
     task: Task = field(default_factory=Task)
-
-
-def default_data(env: DistEnv, out: Path = DEFAULT_DATA, inputs: list[Path] | None = None,
-                 settings: BuildSettings | None = None) -> Path:
-    """Build the built-in corpus (or ``inputs``) into ``out`` once: every rank of every node that
-    starts without ``--data`` calls this at the same moment, so they take turns on a file lock
-    beside ``out``; the first builds, the others find the finished folder and reuse it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        build(out, inputs, settings or BuildSettings(), progress=env.is_main,
-              log=print if env.is_main else (lambda *_: None))
-    return out
 
 
 def codec_sha256(folder: DataFolder, tokenizer: Tokenizer | None) -> str:

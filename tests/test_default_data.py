@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from pgm_dist.data.builder import BuildSettings
 from pgm_dist.distributed import DistEnv
-from pgm_dist.training import default_data
+from pgm_dist.data.default import default_data
 settings = BuildSettings(vocab_size=300, seq_len=64, samples_per_shard=16, val_fraction=0.05, workers=1)
 print("ready", flush=True)
 default_data(DistEnv(0, 0, 1), Path(sys.argv[1]), [Path(sys.argv[2])], settings)

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from pgm_dist.attention import AttentionMask
-from pgm_dist.evaluate import nelbo_sums
+from pgm_dist.evaluation.nelbo import nelbo_sums
 from pgm_dist.models.layers import positions_like
-from pgm_dist.objectives import objective_for, partition_groups
+from pgm_dist.objectives import partition_groups
+from pgm_dist.training import objective_for
 from pgm_dist.sampling import sample_mdlm
 from tests.conftest import randomized_model
 

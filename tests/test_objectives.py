@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pgm_dist.evaluate import nelbo_sums
+from pgm_dist.evaluation.nelbo import nelbo_sums
 from pgm_dist.objectives import (
     T_MIN, LogLinearSchedule, MDLMObjective, PGMObjective, global_sample_indices, low_discrepancy_times,
     partition_groups, shared_uniform,

@@ -1,0 +1,1 @@
+"""Evaluation maths shared by training, distillation and the evaluate command."""

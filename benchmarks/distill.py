@@ -147,7 +147,8 @@ def decoded_blocks(data: Path, split: str, count: int, seed: int) -> list[str]:
 
 def train_evaluator(args, data: Path, data_key: dict) -> Path:
     """A GPT-2 trained on decoded training blocks, saved with its tokenizer (cached)."""
-    from tokenizers import Tokenizer as BPE, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as BPE
+    from tokenizers import decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     settings = dict(data_key, blocks=args.eval_train_blocks, vocab=args.eval_vocab, steps=args.eval_train_steps,

@@ -21,8 +21,16 @@ if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pgm_dist.slurm_job import JobTask, entries
-from pgm_dist.slurm_submit import LaunchError, check_device, followup, job_argv, parse_args, sbatch_script, \
-    submit, world_sizes
+from pgm_dist.slurm_submit import (
+    LaunchError,
+    check_device,
+    followup,
+    job_argv,
+    parse_args,
+    sbatch_script,
+    submit,
+    world_sizes,
+)
 from pgm_dist.training import USER_ERRORS
 
 

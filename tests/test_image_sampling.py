@@ -8,8 +8,15 @@ import torch
 
 from pgm_dist.data.images import digits_split
 from pgm_dist.images.evaluation import (
-    class_accuracy, digits_classifier, diversity, extract_features, feature_statistics, fid,
-    fit_digits_classifier, frechet_distance, load_feature_extractor,
+    class_accuracy,
+    digits_classifier,
+    diversity,
+    extract_features,
+    feature_statistics,
+    fid,
+    fit_digits_classifier,
+    frechet_distance,
+    load_feature_extractor,
 )
 from pgm_dist.images.pictures import digits_pixels, grid_array, save_grid
 from pgm_dist.images.sampling import arccos_counts, halton_order, sample_image_mdlm, sample_image_pgm

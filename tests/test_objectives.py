@@ -5,8 +5,14 @@ import torch
 
 from pgm_dist.evaluation.nelbo import nelbo_sums
 from pgm_dist.objectives import (
-    T_MIN, LogLinearSchedule, MDLMObjective, PGMObjective, global_sample_indices, low_discrepancy_times,
-    partition_groups, shared_uniform,
+    T_MIN,
+    LogLinearSchedule,
+    MDLMObjective,
+    PGMObjective,
+    global_sample_indices,
+    low_discrepancy_times,
+    partition_groups,
+    shared_uniform,
 )
 
 EPS = 1e-3

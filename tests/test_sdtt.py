@@ -7,9 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from pgm_dist.ema import EMA
 from pgm_dist.objectives import LogLinearSchedule, partition_groups
-from pgm_dist.sdtt import (
-    DIVERGENCES, TEACHER_FILE, SDTTConfig, SDTTObjective, noisy_input, teacher_target,
-)
+from pgm_dist.sdtt import DIVERGENCES, TEACHER_FILE, SDTTConfig, SDTTObjective, noisy_input, teacher_target
 from tests.conftest import randomized_model
 
 EPS = 1e-3

@@ -26,7 +26,14 @@ from tqdm import tqdm
 
 from pgm_dist.data.documents import Document, default_corpus_paths, files_fingerprint, iter_documents, list_files
 from pgm_dist.data.shards import (
-    BUILDER_VERSION, META_FILE, TOKENIZER_FILE, DatasetMeta, SplitInfo, reuse_or_reset, token_dtype, write_json_atomic,
+    BUILDER_VERSION,
+    META_FILE,
+    TOKENIZER_FILE,
+    DatasetMeta,
+    SplitInfo,
+    reuse_or_reset,
+    token_dtype,
+    write_json_atomic,
     write_shard,
 )
 from pgm_dist.data.tokenizer import SPECIAL_IDS, Tokenizer, file_sha256, train_tokenizer

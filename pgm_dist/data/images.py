@@ -34,8 +34,16 @@ from pgm_dist.cli import HelpFormatter
 from pgm_dist.data.builder import AUTO_MIN_TRAIN_SHARDS, DEFAULT_SAMPLES_PER_SHARD
 from pgm_dist.data.documents import files_fingerprint
 from pgm_dist.data.shards import (
-    BUILDER_VERSION, META_FILE, VQ_FILE, DataError, DatasetMeta, SplitInfo, reuse_or_reset, token_dtype,
-    write_json_atomic, write_shard,
+    BUILDER_VERSION,
+    META_FILE,
+    VQ_FILE,
+    DataError,
+    DatasetMeta,
+    SplitInfo,
+    reuse_or_reset,
+    token_dtype,
+    write_json_atomic,
+    write_shard,
 )
 from pgm_dist.data.tokenizer import file_sha256
 

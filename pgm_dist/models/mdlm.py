@@ -5,9 +5,7 @@ from torch import Tensor, nn
 
 from pgm_dist.attention import AttentionMask
 from pgm_dist.config import ModelConfig
-from pgm_dist.models.layers import (
-    Block, Conditioning, OutputLayer, Rotary, positions_like, run_blocks, token_embedding,
-)
+from pgm_dist.models.layers import Block, Conditioning, OutputLayer, Rotary, positions_like, run_blocks, token_embedding
 
 
 class MDLM(nn.Module):

@@ -11,7 +11,15 @@ from torch import Tensor, nn
 from pgm_dist.attention import AttentionMask
 from pgm_dist.config import ModelConfig
 from pgm_dist.models.layers import (
-    Block, Conditioning, MultiHeadAttention, OutputLayer, Rope, Rotary, positions_like, run_blocks, sinusoid,
+    Block,
+    Conditioning,
+    MultiHeadAttention,
+    OutputLayer,
+    Rope,
+    Rotary,
+    positions_like,
+    run_blocks,
+    sinusoid,
     token_embedding,
 )
 

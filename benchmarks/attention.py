@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from pgm_dist.attention import AttentionMask, attend
+from pgm_dist.attention.interface import AttentionMask, attend
 
 
 def parse_args(argv=None):

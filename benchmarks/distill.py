@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from pgm_dist.artifacts import load_model  # noqa: E402
 from pgm_dist.checkpoint import complete_checkpoints  # noqa: E402
+from pgm_dist.common.cli import default_device
 from pgm_dist.data.builder import BuildSettings, build  # noqa: E402
 from pgm_dist.data.loader import read_samples  # noqa: E402
 from pgm_dist.data.shards import DatasetMeta, expand_sources  # noqa: E402
@@ -70,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=32, help="sequences sampled per (model, step count)")
     p.add_argument("--repeats", type=int, default=2, help="timed sampling runs per cell (the fastest is kept)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", default=default_device(),
                    help="device of sampling and scoring (training picks its own)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of every stage")
     args = p.parse_args(argv)

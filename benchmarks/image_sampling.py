@@ -20,8 +20,10 @@ import argparse
 import torch
 from sampling import _time  # benchmarks/sampling.py (this script's folder is on sys.path)
 
-from pgm_dist import ModelConfig, build_model, count_parameters
+from pgm_dist.common.cli import default_device
+from pgm_dist.config import ModelConfig
 from pgm_dist.images.sampling import sample_image_mdlm, sample_image_pgm
+from pgm_dist.models import build_model, count_parameters
 
 GRIDS = {"digits": (8, 17, 10), "32x32": (32, 16384, 1000)}  # side, codebook, classes
 
@@ -34,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--cfg", type=float, default=2.0, help="guidance weight (doubles the batch when > 0)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--model", help="a trained digits model (run folder, checkpoint or export) for the quality table")

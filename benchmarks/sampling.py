@@ -12,7 +12,9 @@ import time
 
 import torch
 
-from pgm_dist import ModelConfig, build_model, count_parameters
+from pgm_dist.common.cli import default_device
+from pgm_dist.config import ModelConfig
+from pgm_dist.models import build_model, count_parameters
 from pgm_dist.sampling import sample_mdlm, sample_pgm
 
 
@@ -25,7 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=1, help="timed runs per sampler (the best is kept)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--attention", default="auto", help="attention backend of both models")

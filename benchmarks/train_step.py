@@ -30,10 +30,12 @@ from pathlib import Path
 
 import torch
 
-from pgm_dist import ModelConfig, build_model
-from pgm_dist.attention import available_backends
-from pgm_dist.distributed import dist_env, release_shared_memory
+from pgm_dist.attention.interface import available_backends
+from pgm_dist.common.distributed import dist_env, release_shared_memory
+from pgm_dist.common.zero import zero_stage
+from pgm_dist.config import ModelConfig
 from pgm_dist.flops import peak_flops, training_flops_per_token
+from pgm_dist.models import build_model
 from pgm_dist.training import objective_for
 
 ON_OFF = {"off": False, "on": True}
@@ -112,7 +114,7 @@ def engine_step(model, config, args, device, compile):
     group) and its step function; returns the module it trains and the step."""
     import deepspeed
 
-    from pgm_dist.distributed import dist_env, init_process_group
+    from pgm_dist.common.distributed import dist_env, init_process_group
     from pgm_dist.engine import Engine
     from pgm_dist.train_config import TrainConfig
     from pgm_dist.training import run_ds_config
@@ -173,7 +175,7 @@ def main(argv=None) -> None:
           f"dense matmul rate measured here: {rate / 1e12:.3f} TFLOP/s"
           + (f"; MFU against a bf16 peak of {gpu_peak / 1e12:.0f} TFLOP/s" if gpu_peak else ""))
     if "deepspeed" in args.engines:
-        stage = json.loads(Path(args.ds_config).read_text()).get("zero_optimization", {}).get("stage", 0)
+        stage = zero_stage(json.loads(Path(args.ds_config).read_text()))
         print(f"engine deepspeed: pgm_dist.engine.Engine, {args.ds_config} (ZeRO-{stage}) as one rank, "
               f"micro-batch = global batch = {args.batch}, {'bf16' if args.dtype == 'bfloat16' else 'fp32'} weights")
     memory = "peak alloc MiB" if device.type == "cuda" else "peak RSS+ MiB"

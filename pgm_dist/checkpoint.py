@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pgm_dist.data.shards import write_json_atomic
-from pgm_dist.distributed import DistEnv, barrier
-from pgm_dist.train_config import ConfigError
+from pgm_dist.common.distributed import DistEnv, barrier
+from pgm_dist.common.errors import ConfigError
+from pgm_dist.common.files import write_json_atomic
 
 MARKER = "COMPLETE"
 UNIVERSAL_MARKER = "UNIVERSAL_COMPLETE"

@@ -26,10 +26,12 @@ from tqdm import tqdm
 
 from pgm_dist.artifacts import EXPORT_CONFIG, EXPORT_WEIGHTS, resolve_model_dir, training_data_folder
 from pgm_dist.checkpoint import EMA_FILE, STATE_FILE
+from pgm_dist.common.distributed import DistEnv
+from pgm_dist.common.errors import ConfigError
+from pgm_dist.common.seeding import sample_seed
 from pgm_dist.config import ModelConfig
-from pgm_dist.distributed import DistEnv
 from pgm_dist.sdtt import DIVERGENCES, TEACHER_SOURCES, SDTTConfig, SDTTObjective
-from pgm_dist.train_config import ConfigError, TrainConfig, _opt, parse_train_config
+from pgm_dist.train_config import TrainConfig, _opt, parse_train_config
 from pgm_dist.training import Setup, Task, prepare
 
 DEFAULT_TEACHER = Path("runs/default")
@@ -216,7 +218,7 @@ class DistillTask(Task):
 
         engine, state = loop.p.engine, loop.state
         steps = engine.objective.sampling_steps(round_index)
-        generator = torch.Generator(setup.device).manual_seed(self.cfg.seed * 7919 + state.step)
+        generator = torch.Generator(setup.device).manual_seed(sample_seed(self.cfg.seed, state.step))
         result = engine.sample_with_ema(lambda model: sample_quality(
             model, self.cfg.eval_samples, steps, generator, setup.tokenizer.decode, self.evaluator))
         if result is None:  # not rank 0

@@ -13,8 +13,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from pgm_dist.distributed import DistEnv, all_reduce
-from pgm_dist.ema import EMA, local_values
+from pgm_dist.common.distributed import DistEnv, all_reduce
+from pgm_dist.common.zero import local_values, zero_stage
+from pgm_dist.ema import EMA
 from pgm_dist.evaluation.nelbo import nelbo_and_perplexity, nelbo_sums
 from pgm_dist.objectives import derived_seed, global_sample_indices, low_discrepancy_times, shared_uniform, unpack
 from pgm_dist.train_config import TrainConfig
@@ -57,7 +58,7 @@ class Engine:
         self.micro_batch = self.ds.train_micro_batch_size_per_gpu()
         self.accum = self.ds.gradient_accumulation_steps()
         self.global_batch = self.ds.train_batch_size()
-        self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        self.stage = zero_stage(ds_config)
         self.ema = EMA(self.module, cfg.ema_decay)
 
     @property

@@ -8,17 +8,17 @@ import sys
 
 import torch
 
+from pgm_dist.artifacts import load_model, training_data_folder
+from pgm_dist.common.cli import HelpFormatter, default_device, run_cli
+from pgm_dist.common.errors import DataError
+from pgm_dist.data.loader import ValidationLoader
+from pgm_dist.data.shards import DataFolder
 from pgm_dist.evaluation.nelbo import nelbo_and_perplexity, nelbo_sums
+from pgm_dist.gen_ppl import load_evaluator, sample_quality
+from pgm_dist.training import objective_for
 
 
 def main(argv=None) -> int:
-    from pgm_dist.artifacts import load_model, training_data_folder
-    from pgm_dist.cli import HelpFormatter
-    from pgm_dist.data.loader import ValidationLoader
-    from pgm_dist.data.shards import DataError, DataFolder
-    from pgm_dist.gen_ppl import load_evaluator, sample_quality
-    from pgm_dist.training import objective_for
-
     parser = argparse.ArgumentParser(prog="python -m pgm_dist.evaluate", description=__doc__,
                                      formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="an export, a checkpoint, or a run folder")
@@ -28,41 +28,41 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=None, help="at most this many batches (default: all)")
     parser.add_argument("--micro-batch", type=int, default=16, help="sequences per forward pass")
     parser.add_argument("--seed", type=int, default=1234, help="validation seed (noise levels, partitions)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--device", default=default_device(), help="torch device")
     parser.add_argument("--eval-model", default=None,
                         help="also sample --samples sequences in --steps steps and report their unigram entropy and "
                              "generative perplexity under this Hugging Face causal LM folder (pip install -e '.[eval]')")
     parser.add_argument("--samples", type=int, default=16, help="sequences sampled with --eval-model")
     parser.add_argument("--steps", type=int, default=64, help="sampling steps with --eval-model")
     args = parser.parse_args(argv)
-    try:
-        loaded = load_model(args.model, args.device)
-        evaluator = load_evaluator(args.eval_model, args.device) if args.eval_model else None
-        trained_on = training_data_folder(loaded.info)
-        if args.data is not None:
-            data, origin = args.data, "--data"
-        elif trained_on is None:
-            raise DataError(f"{loaded.source} does not record the data folder it was trained on "
-                            "(an export made before exports did): pass --data DIR")
-        elif not trained_on.is_dir():
-            raise DataError(f"{loaded.source} was trained on {trained_on}, which does not exist from here "
-                            "(a relative path is relative to where training ran): pass --data DIR")
-        else:
-            data, origin = trained_on, "the folder the model was trained on"
-        folder = DataFolder.open(data)
-        if folder.meta.tokenizer_sha256 != loaded.tokenizer.sha256:
-            raise DataError(f"{data} was tokenized with another tokenizer than the model's "
-                            f"({loaded.source / 'tokenizer.model'}): evaluate on data built with "
-                            f"`python -m pgm_dist.data build --tokenizer {loaded.source / 'tokenizer.model'}`"
-                            + (f", or on the model's own {trained_on}" if trained_on is not None else ""))
-        folder.meta.check(seq_len=loaded.config.seq_len)
-        batches = ValidationLoader(folder.val_sources, seq_len=folder.meta.seq_len, micro_batch=args.micro_batch,
-                                   max_batches=args.batches)
-        total = nelbo_sums(loaded.model, objective_for(loaded.config), batches, torch.device(args.device),
-                           args.seed)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: evaluate(args))
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    loaded = load_model(args.model, args.device)
+    evaluator = load_evaluator(args.eval_model, args.device) if args.eval_model else None
+    trained_on = training_data_folder(loaded.info)
+    if args.data is not None:
+        data, origin = args.data, "--data"
+    elif trained_on is None:
+        raise DataError(f"{loaded.source} does not record the data folder it was trained on "
+                        "(an export made before exports did): pass --data DIR")
+    elif not trained_on.is_dir():
+        raise DataError(f"{loaded.source} was trained on {trained_on}, which does not exist from here "
+                        "(a relative path is relative to where training ran): pass --data DIR")
+    else:
+        data, origin = trained_on, "the folder the model was trained on"
+    folder = DataFolder.open(data)
+    if folder.meta.tokenizer_sha256 != loaded.tokenizer.sha256:
+        raise DataError(f"{data} was tokenized with another tokenizer than the model's "
+                        f"({loaded.source / 'tokenizer.model'}): evaluate on data built with "
+                        f"`python -m pgm_dist.data build --tokenizer {loaded.source / 'tokenizer.model'}`"
+                        + (f", or on the model's own {trained_on}" if trained_on is not None else ""))
+    folder.meta.check(seq_len=loaded.config.seq_len)
+    batches = ValidationLoader(folder.val_sources, seq_len=folder.meta.seq_len, micro_batch=args.micro_batch,
+                               max_batches=args.batches)
+    total = nelbo_sums(loaded.model, objective_for(loaded.config), batches, torch.device(args.device),
+                       args.seed)
     nelbo, ppl = nelbo_and_perplexity(total)
     print(f"model {loaded.source}\ndata {folder.path} ({origin})\nvalidation tokens {int(total[1].item())}\n"
           f"NELBO {nelbo:.6f} nats/token\nperplexity {ppl:.4f}")
@@ -73,7 +73,6 @@ def main(argv=None) -> int:
         print(f"{args.samples} samples in {args.steps} steps ({quality['sampling_tokens_per_s']:,.0f} tokens/s): "
               f"generative perplexity {quality['gen_ppl']:.4f} under {args.eval_model}, "
               f"unigram entropy {quality['entropy']:.4f} nats")
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ from safetensors.torch import save_file
 
 from pgm_dist.artifacts import EXPORT_CONFIG, EXPORT_WEIGHTS, image_decoder_path, load_model, training_data_folder
 from pgm_dist.checkpoint import TOKENIZER_FILE
-from pgm_dist.cli import HelpFormatter
-from pgm_dist.data.shards import VQ_FILE, write_json_atomic
+from pgm_dist.common.cli import HelpFormatter, run_cli
+from pgm_dist.common.files import write_json_atomic
+from pgm_dist.data.shards import VQ_FILE
 
 
 def export(ckpt: str | Path, out: str | Path) -> Path:
@@ -44,13 +45,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ckpt", required=True, help="a checkpoint folder, or a run folder (its latest checkpoint)")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
-    try:
-        out = export(args.ckpt, args.out)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"exported EMA weights, config and tokenizer to {out}")
-    return 0
+    return run_cli(lambda: print(f"exported EMA weights, config and tokenizer to {export(args.ckpt, args.out)}"))
 
 
 if __name__ == "__main__":

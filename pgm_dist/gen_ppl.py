@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pgm_dist.common.errors import ConfigError
 from pgm_dist.evaluation.nelbo import perplexity
-from pgm_dist.train_config import ConfigError
 
 
 @dataclass

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from pgm_dist.checkpoint import Checkpointer, load_ema_weights
-from pgm_dist.distributed import all_gather_objects, all_reduce
+from pgm_dist.common.distributed import all_gather_objects, all_reduce
 from pgm_dist.engine import Engine
 from pgm_dist.flops import peak_flops, training_flops_per_token
 from pgm_dist.metrics import NullWriter

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pgm_dist.cli import HelpFormatter
+from pgm_dist.common.cli import HelpFormatter, run_cli
 from pgm_dist.config import IMAGE_PRESETS, PRESETS, ModelConfig
 
 # The paper's OpenWebText setting (GPT-2 tokenizer, 1024 tokens); the vocabulary moves the counts.
@@ -81,15 +81,18 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB)
     parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
     args = parser.parse_args(argv)
+    return run_cli(lambda: show(args))
+
+
+def show(args: argparse.Namespace) -> None:
     unknown = [m for m in args.models if m not in PRESETS]
-    if unknown or any(n < 1 or (n > 8 and n % 8) for n in args.gpus):
-        print(f"error: unknown preset(s) {unknown} (valid: {', '.join(PRESETS)})" if unknown else
-              "error: --gpus: each count must be 1-8 or a multiple of 8 (8 GPUs per node)", file=sys.stderr)
-        return 2
+    if unknown:
+        raise ValueError(f"unknown preset(s) {unknown} (valid: {', '.join(PRESETS)})")
+    if any(n < 1 or (n > 8 and n % 8) for n in args.gpus):
+        raise ValueError("--gpus: each count must be 1-8 or a multiple of 8 (8 GPUs per node)")
     text = table(args.models, tuple(args.gpus), args.vocab_size, args.seq_len)
     print(f"GiB of model states per GPU (bf16 + fp32 Adam, no offload; V {args.vocab_size:,}, "
           f"L {args.seq_len}); activations come on top\n\n{text}")
-    return 0
 
 
 if __name__ == "__main__":

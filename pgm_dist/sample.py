@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from pgm_dist.cli import HelpFormatter
+from pgm_dist.common.cli import HelpFormatter, default_device, run_cli
 from pgm_dist.sampling import generate
 
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="text: divides the logits; images: multiplies them, halved on the first step "
                              "(the reference's image sampler)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (text)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--device", default=default_device(), help="torch device")
     parser.add_argument("--classes", type=int, nargs="+", default=None,
                         help="images: one row per class (default: the first 10 classes)")
     parser.add_argument("--cfg", type=float, default=2.0, help="images: classifier-free guidance weight w")
@@ -64,33 +64,32 @@ def sample_images(loaded, args) -> str:
 
 
 def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: sample(args))
+
+
+def sample(args: argparse.Namespace) -> None:
     from pgm_dist.artifacts import load_model
 
-    args = build_parser().parse_args(argv)
-    try:
-        loaded = load_model(args.model, args.device)
-        if loaded.config.image_grid is not None:
-            print(sample_images(loaded, args))
-            return 0
-        prompt = None
-        if args.prompt:
-            ids = loaded.tokenizer.encode(args.prompt)
-            if len(ids) >= loaded.config.seq_len - 1:
-                raise ValueError(f"the prompt has {len(ids)} tokens; at most {loaded.config.seq_len - 2} fit")
-            prompt = [(position + 1, token) for position, token in enumerate(ids)]  # after BOS
-        generator = torch.Generator(args.device).manual_seed(args.seed)
-        start = time.perf_counter()
-        tokens = generate(loaded.model, args.num, args.steps, prompt=prompt, temperature=args.temperature,
-                          top_p=args.top_p, generator=generator)
-        seconds = time.perf_counter() - start
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    loaded = load_model(args.model, args.device)
+    if loaded.config.image_grid is not None:
+        print(sample_images(loaded, args))
+        return
+    prompt = None
+    if args.prompt:
+        ids = loaded.tokenizer.encode(args.prompt)
+        if len(ids) >= loaded.config.seq_len - 1:
+            raise ValueError(f"the prompt has {len(ids)} tokens; at most {loaded.config.seq_len - 2} fit")
+        prompt = [(position + 1, token) for position, token in enumerate(ids)]  # after BOS
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    start = time.perf_counter()
+    tokens = generate(loaded.model, args.num, args.steps, prompt=prompt, temperature=args.temperature,
+                      top_p=args.top_p, generator=generator)
+    seconds = time.perf_counter() - start
     for i, row in enumerate(tokens):
         print(f"--- sample {i} ---\n{loaded.tokenizer.decode(row.tolist())}")
     print(f"\n{args.num} x {loaded.config.seq_len} tokens in {args.steps} steps: {seconds:.2f} s "
           f"({tokens.numel() / seconds:,.0f} tokens/s)", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

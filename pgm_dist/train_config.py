@@ -16,12 +16,10 @@ from pathlib import Path
 
 import torch
 
-from pgm_dist.cli import HelpFormatter
+from pgm_dist.common.cli import HelpFormatter
+from pgm_dist.common.errors import ConfigError
+from pgm_dist.common.zero import zero_stage
 from pgm_dist.config import ATTENTION_BACKENDS, PRESETS, ModelConfig
-
-
-class ConfigError(ValueError):
-    """A configuration a user gave that cannot run; the message says what to do."""
 
 
 def _opt(default, help: str, **extra):
@@ -164,7 +162,7 @@ def resolve_ds_config(path: str | Path, *, world_size: int, device: torch.device
         bf16["enabled"] = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if cfg.get("fp16", {}).get("enabled") and device.type == "cpu":
         raise ConfigError(f"{path} enables fp16, which the CPU does not support; use bf16 or fp32")
-    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    stage = zero_stage(cfg)
     if bf16["enabled"] and stage < 1:
         raise ConfigError("bf16 needs ZeRO stage >= 1 (stage 0 would accumulate gradients in bf16)")
     if device.type == "cpu":

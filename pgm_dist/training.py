@@ -10,23 +10,27 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from pgm_dist.checkpoint import find_resume_checkpoint, prepare_universal, read_state
+from pgm_dist.common.cli import run_cli
+from pgm_dist.common.distributed import DistEnv, dist_env, init_process_group, release_shared_memory, select_device
+from pgm_dist.common.errors import ConfigError
+from pgm_dist.common.files import write_json_atomic
+from pgm_dist.common.seeding import sample_seed
+from pgm_dist.common.zero import zero_stage
 from pgm_dist.config import IMAGE_PRESETS, ModelConfig
 from pgm_dist.data.default import default_data
 from pgm_dist.data.loader import TrainLoader, ValidationLoader
-from pgm_dist.data.shards import DataError, DataFolder, write_json_atomic
+from pgm_dist.data.shards import DataFolder
 from pgm_dist.data.tokenizer import Tokenizer
-from pgm_dist.distributed import DistEnv, dist_env, init_process_group, release_shared_memory, select_device
 from pgm_dist.images.objective import ImageObjective
 from pgm_dist.models import build_model
 from pgm_dist.objectives import MDLMObjective, PGMObjective
-from pgm_dist.train_config import ConfigError, TrainConfig, resolve_ds_config
+from pgm_dist.train_config import TrainConfig, resolve_ds_config
 
 
 def objective_for(config):
@@ -155,7 +159,7 @@ def prepare(cfg: TrainConfig, env: DistEnv, device: torch.device, model_config: 
     universal = False
     if resume_from is not None:
         saved = check_resume(resume_from, model_config, folder, tokenizer)
-        stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        stage = zero_stage(ds_config)
         universal = saved["world_size"] != env.world_size or saved["zero_stage"] != stage
         if universal:
             ds_config["checkpoint"] = {"load_universal": True}
@@ -180,7 +184,7 @@ def run(setup: Setup) -> str:
     import deepspeed
 
     from pgm_dist.checkpoint import Checkpointer
-    from pgm_dist.ema import full_numel
+    from pgm_dist.common.zero import full_numel
     from pgm_dist.engine import Engine
     from pgm_dist.loop import LoopParts, TrainingLoop, TrainState
     from pgm_dist.metrics import make_writer
@@ -195,7 +199,7 @@ def run(setup: Setup) -> str:
     torch.manual_seed(cfg.seed)
     model, objective = setup.task.build(setup)
     engine = Engine(model, objective, cfg, setup.ds_config, env, device)
-    stage = setup.ds_config.get("zero_optimization", {}).get("stage", 0)
+    stage = zero_stage(setup.ds_config)
     folder = setup.folder
     has_val = any(folder.path.glob("val-*.tar"))
 
@@ -207,7 +211,7 @@ def run(setup: Setup) -> str:
                                 labels=folder.is_image)
 
     def sample_texts(model, step: int) -> list[str]:
-        generator = torch.Generator(device).manual_seed(cfg.seed * 7919 + step)
+        generator = torch.Generator(device).manual_seed(sample_seed(cfg.seed, step))
         tokens = generate(model, cfg.num_samples, cfg.sample_steps, generator=generator)
         return [setup.tokenizer.decode(row.tolist()) for row in tokens]
 
@@ -221,7 +225,7 @@ def run(setup: Setup) -> str:
         def sample(model, step: int):
             """A grid of ``--num-samples`` pictures of each class: uint8 [H, W, 3] for TensorBoard,
             and OUT/samples/step_XXXXXXXX.png."""
-            generator = torch.Generator(device).manual_seed(cfg.seed * 7919 + step)
+            generator = torch.Generator(device).manual_seed(sample_seed(cfg.seed, step))
             pixels = sample_pictures(model, classes, cfg.num_samples, cfg.sample_steps, decode,
                                      cfg=cfg.sample_cfg, generator=generator)
             scale = max(1, 64 // pixels.shape[2])  # small grids (digits' 8x8) drawn larger
@@ -285,18 +289,16 @@ def run(setup: Setup) -> str:
     return status
 
 
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, ValueError)
 
 
 def launch(cfg: TrainConfig, prepare=prepare) -> int:
-    """A ``deepspeed`` entry's body after parsing: exit status 2 with the message on a user error."""
-    try:
-        setup = prepare_process(cfg, prepare)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    run(setup)
-    return 0
+    """A ``deepspeed`` entry's body after parsing: exit status 2 with the message on a user error
+    (every one is raised while preparing, before any distributed work)."""
+    prepared = []
+    status = run_cli(lambda: prepared.append(prepare_process(cfg, prepare)))
+    if prepared:
+        run(prepared[0])
+    return status
 
 
 def prepare_process(cfg: TrainConfig, prepare=prepare) -> Setup:

@@ -9,7 +9,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from pgm_dist import ModelConfig, build_model  # noqa: E402
+from pgm_dist.config import ModelConfig
+from pgm_dist.models import build_model
+
+  # noqa: E402
 
 
 def randomized_model(preset: str, vocab_size: int = 61, seq_len: int = 48, seed: int = 0, **overrides):

@@ -16,6 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from pgm_dist.common.distributed import free_ports
+
 PACKAGES = "slurmctld slurmd slurm-client munge"
 INSTALL_HINT = f"the SLURM tests need Debian's SLURM: sudo apt-get install -y {PACKAGES}"
 NODES = ("n1", "n2")
@@ -31,16 +33,6 @@ def missing() -> str | None:
     if os.geteuid() != 0:
         return "the throw-away SLURM cluster runs its daemons as root (SlurmUser=root); run the tests as root"
     return None
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _ensure_node_names_resolve() -> None:
@@ -101,7 +93,7 @@ class SlurmCluster:
         key = self.folder / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        ctld_port, *node_ports = _free_ports(1 + len(NODES))
+        ctld_port, *node_ports = free_ports(1 + len(NODES))
         self.conf.write_text(_config(self.folder, ctld_port, node_ports))
         log = open(self.folder / "daemons.log", "ab")
         self._spawn(["munged", "--foreground", "--force", f"--key-file={key}",

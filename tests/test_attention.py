@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from pgm_dist.attention import AttentionMask, attend, available_backends, resolve_backend
 from pgm_dist.attention.flex import dense_attention_backward
+from pgm_dist.attention.interface import AttentionMask, attend, available_backends, resolve_backend
 from tests.conftest import randomized_model
 
 B, H, L, D = 4, 2, 150, 64  # L is not a multiple of FlexAttention's 128-wide tiles

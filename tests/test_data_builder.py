@@ -6,12 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pgm_dist.common.errors import DataError
 from pgm_dist.data import builder
 from pgm_dist.data.__main__ import main as data_cli
 from pgm_dist.data.builder import BuildSettings, build
 from pgm_dist.data.documents import default_corpus_paths, list_files, read_documents
 from pgm_dist.data.loader import TrainLoader
-from pgm_dist.data.shards import DataError, DataFolder, DatasetMeta, expand_sources, iter_shard
+from pgm_dist.data.shards import DataFolder, DatasetMeta, expand_sources, iter_shard
 from pgm_dist.data.tokenizer import Tokenizer
 
 L = 32

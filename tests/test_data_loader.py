@@ -4,8 +4,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pgm_dist.common.errors import DataError
 from pgm_dist.data.loader import TrainLoader, ValidationLoader
-from pgm_dist.data.shards import DataError, write_shard
+from pgm_dist.data.shards import write_shard
 
 L, PER_SHARD, SHARDS = 16, 6, 8
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgm_dist import ModelConfig
+from pgm_dist.config import ModelConfig
 from pgm_dist.images.objective import ImageObjective, arccos_group1_probability
 from tests.conftest import randomized_model
 from tests.test_model import _perturbed_sets

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgm_dist.attention import AttentionMask
+from pgm_dist.attention.interface import AttentionMask
 from pgm_dist.evaluation.nelbo import nelbo_sums
 from pgm_dist.models.layers import positions_like
 from pgm_dist.objectives import partition_groups

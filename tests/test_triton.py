@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgm_dist.attention import AttentionMask, attend, available_backends
+from pgm_dist.attention.interface import AttentionMask, attend, available_backends
 from pgm_dist.attention.triton_backend import BLOCK, group_sorted_layout
 from tests.conftest import randomized_model
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pgm_dist import ModelConfig, build_model
-from pgm_dist.models import count_parameters
+from pgm_dist.config import ModelConfig
+from pgm_dist.models import build_model, count_parameters
 from tests.train_helpers import REPO, run_train, scalars
 
 STEPS = 12
@@ -160,7 +160,7 @@ def _evaluate_unequal_batches(argv: list[str]) -> None:
     of random tokens, 3 on rank 0 and 2 on rank 1; rank 0 prints ``NELBO <stage> <value>``."""
     import copy
 
-    from pgm_dist.distributed import init_process_group
+    from pgm_dist.common.distributed import init_process_group
     from pgm_dist.engine import Engine
     from pgm_dist.train_config import parse_train_config
     from pgm_dist.training import prepare_process

@@ -3,7 +3,6 @@ what it wrote (TensorBoard events, checkpoints)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,17 +10,11 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pgm_dist.distributed import shared_memory_buffers
+from pgm_dist.common.distributed import free_port, shared_memory_buffers
 from pgm_dist.metrics import TOKENS_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_train(args: list[str], *, ranks: int | None = None, env: dict | None = None, timeout: int = 600,

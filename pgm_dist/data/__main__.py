@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pgm_dist.cli import HelpFormatter
+from pgm_dist.common.cli import HelpFormatter, run_cli
 from pgm_dist.data.builder import AUTO_MIN_TRAIN_SHARDS, DEFAULT_SAMPLES_PER_SHARD, BuildSettings, build
 from pgm_dist.data.images import add_build_images_parser, build_images_command
 
@@ -37,18 +37,14 @@ def main(argv=None) -> int:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_build_images_parser(commands)
     args = parser.parse_args(argv)
-    try:
-        if args.command == "build-images":
-            build_images_command(args)
-            return 0
-        settings = BuildSettings(vocab_size=args.vocab_size, seq_len=args.seq_len, val_fraction=args.val_fraction,
-                                 samples_per_shard=args.samples_per_shard, tokenizer=args.tokenizer,
-                                 workers=args.workers, model_type=args.model_type)
-        build(args.out, args.input, settings, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: build_images_command(args) if args.command == "build-images" else build_text(args))
+
+
+def build_text(args: argparse.Namespace) -> None:
+    settings = BuildSettings(vocab_size=args.vocab_size, seq_len=args.seq_len, val_fraction=args.val_fraction,
+                             samples_per_shard=args.samples_per_shard, tokenizer=args.tokenizer,
+                             workers=args.workers, model_type=args.model_type)
+    build(args.out, args.input, settings, progress=not args.no_progress)
 
 
 if __name__ == "__main__":

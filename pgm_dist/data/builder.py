@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from pgm_dist.common.files import file_sha256, write_json_atomic
 from pgm_dist.data.documents import Document, default_corpus_paths, files_fingerprint, iter_documents, list_files
 from pgm_dist.data.shards import (
     BUILDER_VERSION,
@@ -33,10 +34,9 @@ from pgm_dist.data.shards import (
     SplitInfo,
     reuse_or_reset,
     token_dtype,
-    write_json_atomic,
     write_shard,
 )
-from pgm_dist.data.tokenizer import SPECIAL_IDS, Tokenizer, file_sha256, train_tokenizer
+from pgm_dist.data.tokenizer import SPECIAL_IDS, Tokenizer, train_tokenizer
 
 TOKENIZER_STAMP = "tokenizer.stamp"
 DOCS_PER_TASK = 64

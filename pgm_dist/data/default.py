@@ -4,8 +4,8 @@ from __future__ import annotations
 import fcntl
 from pathlib import Path
 
+from pgm_dist.common.distributed import DistEnv
 from pgm_dist.data.builder import BuildSettings, build
-from pgm_dist.distributed import DistEnv
 
 DEFAULT_DATA = Path("data_shards/default")
 

@@ -30,22 +30,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pgm_dist.cli import HelpFormatter
+from pgm_dist.common.cli import HelpFormatter, default_device
+from pgm_dist.common.errors import DataError
+from pgm_dist.common.files import file_sha256, write_json_atomic
 from pgm_dist.data.builder import AUTO_MIN_TRAIN_SHARDS, DEFAULT_SAMPLES_PER_SHARD
 from pgm_dist.data.documents import files_fingerprint
 from pgm_dist.data.shards import (
     BUILDER_VERSION,
     META_FILE,
     VQ_FILE,
-    DataError,
     DatasetMeta,
     SplitInfo,
     reuse_or_reset,
     token_dtype,
-    write_json_atomic,
     write_shard,
 )
-from pgm_dist.data.tokenizer import file_sha256
 
 if TYPE_CHECKING:
     from pgm_dist.images.vq import VQConfig, VQModel
@@ -327,6 +326,6 @@ def build_images_command(args: argparse.Namespace) -> None:
         return
     if args.input is None:
         raise ValueError("--vq needs --input IMAGE_FOLDER (one sub-folder per class)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     build_vq(args.out, args.input, args.vq, vq_config(args.vq_config), args.image_size, args.batch_size, device,
              args.samples_per_shard, progress=not args.no_progress)

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pgm_dist.data.shards import DataError, expand_sources, iter_shard
+from pgm_dist.common.errors import DataError
+from pgm_dist.data.shards import expand_sources, iter_shard
 
 Position = tuple[int, int, int]  # (epoch, window, samples consumed in the window)
 Sample = tuple[np.ndarray, int | None]  # (tokens [L], class label or None for text)

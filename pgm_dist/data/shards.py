@@ -20,6 +20,8 @@ import numpy as np
 import webdataset as wds
 from braceexpand import braceexpand
 
+from pgm_dist.common.errors import DataError
+
 BUILDER_VERSION = 1
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -28,18 +30,8 @@ SAMPLE_SUFFIX = ".tokens.npy"
 LABEL_SUFFIX = ".label.npy"
 
 
-class DataError(ValueError):
-    """A problem with the data a user pointed at; the message says what to do."""
-
-
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

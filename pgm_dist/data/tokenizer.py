@@ -1,7 +1,6 @@
 """sentencepiece tokenizer: training with settings that round-trip any text, and a thin wrapper."""
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from pathlib import Path
@@ -9,15 +8,9 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
+from pgm_dist.common.files import file_sha256
+
 SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Tokenizer:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pgm_dist.attention import AttentionMask, attend
+from pgm_dist.attention.interface import AttentionMask, attend
 from pgm_dist.config import ModelConfig
 
 Rope = tuple[Tensor, Tensor]  # cos, sin: [B or 1, 1, L, head_dim] float32

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pgm_dist.attention import AttentionMask
+from pgm_dist.attention.interface import AttentionMask
 from pgm_dist.config import ModelConfig
 from pgm_dist.models.layers import (
     Block,

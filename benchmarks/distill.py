@@ -35,14 +35,19 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pgm_dist.artifacts import load_model  # noqa: E402
-from pgm_dist.checkpoint import complete_checkpoints  # noqa: E402
+# noqa: E402
+from pgm_dist.checkpoints.format import complete_checkpoints
+from pgm_dist.checkpoints.load import load_model
+
+# noqa: E402
 from pgm_dist.common.cli import default_device
 from pgm_dist.data.builder import BuildSettings, build  # noqa: E402
 from pgm_dist.data.loader import read_samples  # noqa: E402
 from pgm_dist.data.shards import DatasetMeta, expand_sources  # noqa: E402
 from pgm_dist.data.tokenizer import Tokenizer  # noqa: E402
-from pgm_dist.gen_ppl import generative_perplexity, load_evaluator, sample_quality, unigram_entropy  # noqa: E402
+from pgm_dist.evaluation.gen_ppl import generative_perplexity, load_evaluator, sample_quality, unigram_entropy
+
+  # noqa: E402
 
 EVAL_BOS = "<|endoftext|>"
 

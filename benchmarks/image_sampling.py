@@ -21,9 +21,9 @@ import torch
 from sampling import _time  # benchmarks/sampling.py (this script's folder is on sys.path)
 
 from pgm_dist.common.cli import default_device
-from pgm_dist.config import ModelConfig
 from pgm_dist.images.sampling import sample_image_mdlm, sample_image_pgm
 from pgm_dist.models import build_model, count_parameters
+from pgm_dist.models.config import ModelConfig
 
 GRIDS = {"digits": (8, 17, 10), "32x32": (32, 16384, 1000)}  # side, codebook, classes
 
@@ -90,8 +90,8 @@ def main(argv=None) -> dict:
               f"{r['ratio']:>11.2f}x")
     quality = []
     if args.model:
-        from pgm_dist.artifacts import load_model
-        from pgm_dist.images.evaluation import digits_classifier, digits_quality
+        from pgm_dist.checkpoints.load import load_model
+        from pgm_dist.images.quality import digits_classifier, digits_quality
 
         loaded = load_model(args.model, device)
         quality = digits_quality(loaded.model, digits_classifier(args.cache), args.quality_steps, args.cfgs,

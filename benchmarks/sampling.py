@@ -13,8 +13,8 @@ import time
 import torch
 
 from pgm_dist.common.cli import default_device
-from pgm_dist.config import ModelConfig
 from pgm_dist.models import build_model, count_parameters
+from pgm_dist.models.config import ModelConfig
 from pgm_dist.sampling import sample_mdlm, sample_pgm
 
 

@@ -33,9 +33,9 @@ import torch
 from pgm_dist.attention.interface import available_backends
 from pgm_dist.common.distributed import dist_env, release_shared_memory
 from pgm_dist.common.zero import zero_stage
-from pgm_dist.config import ModelConfig
-from pgm_dist.flops import peak_flops, training_flops_per_token
 from pgm_dist.models import build_model
+from pgm_dist.models.config import ModelConfig
+from pgm_dist.models.flops import peak_flops, training_flops_per_token
 from pgm_dist.training import objective_for
 
 ON_OFF = {"off": False, "on": True}

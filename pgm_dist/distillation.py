@@ -24,12 +24,12 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from pgm_dist.artifacts import EXPORT_CONFIG, EXPORT_WEIGHTS, resolve_model_dir, training_data_folder
-from pgm_dist.checkpoint import EMA_FILE, STATE_FILE
+from pgm_dist.checkpoints.format import EMA_FILE, STATE_FILE
+from pgm_dist.checkpoints.load import EXPORT_CONFIG, EXPORT_WEIGHTS, resolve_model_dir, training_data_folder
 from pgm_dist.common.distributed import DistEnv
 from pgm_dist.common.errors import ConfigError
 from pgm_dist.common.seeding import sample_seed
-from pgm_dist.config import ModelConfig
+from pgm_dist.models.config import ModelConfig
 from pgm_dist.sdtt import DIVERGENCES, TEACHER_SOURCES, SDTTConfig, SDTTObjective
 from pgm_dist.train_config import TrainConfig, _opt, parse_train_config
 from pgm_dist.training import Setup, Task, prepare
@@ -214,7 +214,7 @@ class DistillTask(Task):
         """Rank 0 (every rank under ZeRO-3, with the same generator): sample with the EMA weights at the
         round's step count; rank 0 logs speed, unigram entropy and (with ``--eval-model``) generative
         perplexity."""
-        from pgm_dist.gen_ppl import sample_quality
+        from pgm_dist.evaluation.gen_ppl import sample_quality
 
         engine, state = loop.p.engine, loop.state
         steps = engine.objective.sampling_steps(round_index)
@@ -258,7 +258,7 @@ def prepare_distillation(cfg: DistillConfig, env: DistEnv, device: torch.device)
     init = None if setup.resume_from is not None else initial_weights(teacher, cfg.init_from)
     evaluator = None
     if cfg.eval_model is not None:
-        from pgm_dist.gen_ppl import load_evaluator
+        from pgm_dist.evaluation.gen_ppl import load_evaluator
 
         if env.is_main:  # only rank 0 samples and scores; the others check the folder exists
             evaluator = load_evaluator(cfg.eval_model, device)

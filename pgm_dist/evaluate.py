@@ -8,13 +8,13 @@ import sys
 
 import torch
 
-from pgm_dist.artifacts import load_model, training_data_folder
+from pgm_dist.checkpoints.load import load_model, training_data_folder
 from pgm_dist.common.cli import HelpFormatter, default_device, run_cli
 from pgm_dist.common.errors import DataError
 from pgm_dist.data.loader import ValidationLoader
 from pgm_dist.data.shards import DataFolder
+from pgm_dist.evaluation.gen_ppl import load_evaluator, sample_quality
 from pgm_dist.evaluation.nelbo import nelbo_and_perplexity, nelbo_sums
-from pgm_dist.gen_ppl import load_evaluator, sample_quality
 from pgm_dist.training import objective_for
 
 

@@ -9,11 +9,16 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from pgm_dist.artifacts import EXPORT_CONFIG, EXPORT_WEIGHTS, image_decoder_path, load_model, training_data_folder
-from pgm_dist.checkpoint import TOKENIZER_FILE
+from pgm_dist.checkpoints.load import (
+    EXPORT_CONFIG,
+    EXPORT_WEIGHTS,
+    image_decoder_path,
+    load_model,
+    training_data_folder,
+)
 from pgm_dist.common.cli import HelpFormatter, run_cli
 from pgm_dist.common.files import write_json_atomic
-from pgm_dist.data.shards import VQ_FILE
+from pgm_dist.data.shards import TOKENIZER_FILE, VQ_FILE
 
 
 def export(ckpt: str | Path, out: str | Path) -> Path:

@@ -20,11 +20,12 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from pgm_dist.checkpoint import Checkpointer, load_ema_weights
+from pgm_dist.checkpoints.format import load_ema_weights
+from pgm_dist.checkpoints.saver import Checkpointer
 from pgm_dist.common.distributed import all_gather_objects, all_reduce
 from pgm_dist.engine import Engine
-from pgm_dist.flops import peak_flops, training_flops_per_token
 from pgm_dist.metrics import NullWriter
+from pgm_dist.models.flops import peak_flops, training_flops_per_token
 from pgm_dist.telemetry import GpuTelemetry
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pgm_dist.common.cli import HelpFormatter, run_cli
-from pgm_dist.config import IMAGE_PRESETS, PRESETS, ModelConfig
+from pgm_dist.models.config import IMAGE_PRESETS, PRESETS, ModelConfig
 
 # The paper's OpenWebText setting (GPT-2 tokenizer, 1024 tokens); the vocabulary moves the counts.
 DEFAULT_VOCAB, DEFAULT_SEQ_LEN = 50258, 1024

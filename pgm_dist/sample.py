@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sample_images(loaded, args) -> str:
-    from pgm_dist.artifacts import image_decoder_path
+    from pgm_dist.checkpoints.load import image_decoder_path
     from pgm_dist.images.pictures import pixel_decoder, sample_pictures, save_grid
 
     config = loaded.config
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
 
 def sample(args: argparse.Namespace) -> None:
-    from pgm_dist.artifacts import load_model
+    from pgm_dist.checkpoints.load import load_model
 
     loaded = load_model(args.model, args.device)
     if loaded.config.image_grid is not None:

@@ -19,7 +19,7 @@ import torch
 from pgm_dist.common.cli import HelpFormatter
 from pgm_dist.common.errors import ConfigError
 from pgm_dist.common.zero import zero_stage
-from pgm_dist.config import ATTENTION_BACKENDS, PRESETS, ModelConfig
+from pgm_dist.models.config import ATTENTION_BACKENDS, PRESETS, ModelConfig
 
 
 def _opt(default, help: str, **extra):

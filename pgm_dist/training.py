@@ -15,20 +15,21 @@ from pathlib import Path
 
 import torch
 
-from pgm_dist.checkpoint import find_resume_checkpoint, prepare_universal, read_state
+from pgm_dist.checkpoints.format import find_resume_checkpoint, read_state
+from pgm_dist.checkpoints.universal import prepare_universal
 from pgm_dist.common.cli import run_cli
 from pgm_dist.common.distributed import DistEnv, dist_env, init_process_group, release_shared_memory, select_device
 from pgm_dist.common.errors import ConfigError
 from pgm_dist.common.files import write_json_atomic
 from pgm_dist.common.seeding import sample_seed
 from pgm_dist.common.zero import zero_stage
-from pgm_dist.config import IMAGE_PRESETS, ModelConfig
 from pgm_dist.data.default import default_data
 from pgm_dist.data.loader import TrainLoader, ValidationLoader
 from pgm_dist.data.shards import DataFolder
 from pgm_dist.data.tokenizer import Tokenizer
 from pgm_dist.images.objective import ImageObjective
 from pgm_dist.models import build_model
+from pgm_dist.models.config import IMAGE_PRESETS, ModelConfig
 from pgm_dist.objectives import MDLMObjective, PGMObjective
 from pgm_dist.train_config import TrainConfig, resolve_ds_config
 
@@ -183,7 +184,7 @@ def _limit_cpu_threads(env: DistEnv, device: torch.device) -> None:
 def run(setup: Setup) -> str:
     import deepspeed
 
-    from pgm_dist.checkpoint import Checkpointer
+    from pgm_dist.checkpoints.saver import Checkpointer
     from pgm_dist.common.zero import full_numel
     from pgm_dist.engine import Engine
     from pgm_dist.loop import LoopParts, TrainingLoop, TrainState

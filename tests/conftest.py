@@ -9,8 +9,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from pgm_dist.config import ModelConfig
 from pgm_dist.models import build_model
+from pgm_dist.models.config import ModelConfig
 
   # noqa: E402
 

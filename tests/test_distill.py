@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from pgm_dist import distill, evaluate
-from pgm_dist.artifacts import load_model
-from pgm_dist.checkpoint import load_ema_weights
-from pgm_dist.gen_ppl import generative_perplexity, load_evaluator, unigram_entropy
+from pgm_dist.checkpoints.format import load_ema_weights
+from pgm_dist.checkpoints.load import load_model
+from pgm_dist.evaluation.gen_ppl import generative_perplexity, load_evaluator, unigram_entropy
 from pgm_dist.sampling import generate
 from tests.train_helpers import module_weights, run_train, scalars
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgm_dist.config import ModelConfig
 from pgm_dist.images.objective import ImageObjective, arccos_group1_probability
+from pgm_dist.models.config import ModelConfig
 from tests.conftest import randomized_model
 from tests.test_model import _perturbed_sets
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pgm_dist.data.images import digits_split
-from pgm_dist.images.evaluation import (
+from pgm_dist.images.data import digits_split
+from pgm_dist.images.pictures import digits_pixels, grid_array, save_grid
+from pgm_dist.images.quality import (
     class_accuracy,
     digits_classifier,
     diversity,
@@ -18,7 +19,6 @@ from pgm_dist.images.evaluation import (
     frechet_distance,
     load_feature_extractor,
 )
-from pgm_dist.images.pictures import digits_pixels, grid_array, save_grid
 from pgm_dist.images.sampling import arccos_counts, halton_order, sample_image_mdlm, sample_image_pgm
 from pgm_dist.sampling import sample_categorical
 from tests.conftest import randomized_model

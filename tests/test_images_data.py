@@ -12,9 +12,9 @@ from sklearn.datasets import load_digits
 
 from pgm_dist.common.errors import DataError
 from pgm_dist.data.__main__ import main as data_cli
-from pgm_dist.data.images import digits_split
 from pgm_dist.data.loader import TrainLoader, ValidationLoader
 from pgm_dist.data.shards import DataFolder, expand_sources, iter_shard, write_shard
+from pgm_dist.images.data import digits_split
 from pgm_dist.images.vq import VQConfig, VQModel, load_vq
 
 TINY = VQConfig(codebook_size=32, codebook_embed_dim=4, ch=8, encoder_ch_mult=(1, 2, 2), decoder_ch_mult=(1, 2, 2),

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pgm_dist.artifacts import load_model
-from pgm_dist.data.images import build_digits
-from pgm_dist.images.evaluation import digits_classifier, digits_quality
+from pgm_dist.checkpoints.load import load_model
+from pgm_dist.images.data import build_digits
+from pgm_dist.images.quality import digits_classifier, digits_quality
 from tests.train_helpers import REPO, run_train, scalars
 
 STEPS = 240

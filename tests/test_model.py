@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from pgm_dist.config import ModelConfig
 from pgm_dist.models import build_model, count_parameters
+from pgm_dist.models.config import ModelConfig
 from pgm_dist.models.layers import Rotary, apply_rotary
 from tests.conftest import randomized_model
 

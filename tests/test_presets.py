@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from pgm_dist.config import IMAGE_PRESETS, ModelConfig
 from pgm_dist.memory import TEXT_PRESETS, ParamCount, model_state_bytes, preset_parameters, table
 from pgm_dist.models import build_model
+from pgm_dist.models.config import IMAGE_PRESETS, ModelConfig
 from tests.train_helpers import REPO
 
 README = (REPO / "README.md").read_text()

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pgm_dist.config import ModelConfig
+from pgm_dist.models.config import ModelConfig
 from pgm_dist.objectives import LogLinearSchedule
 from pgm_dist.sampling import sample_categorical, sample_mdlm, sample_pgm, top_p_filter
 

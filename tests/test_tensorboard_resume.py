@@ -8,7 +8,7 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pgm_dist.checkpoint import FAULT_ENV
+from pgm_dist.checkpoints.saver import FAULT_ENV
 from pgm_dist.data.builder import BuildSettings, build
 from pgm_dist.data.documents import default_corpus_paths
 from pgm_dist.evaluate import main as evaluate_main

@@ -325,7 +325,7 @@ def test_sigterm_to_the_process_group_then_resume_from_a_path_with_cosine_offloa
     # The run's end-of-run evaluation: the same batches, seed and EMA weights.
     assert nelbo[0] == nelbo[1] == pytest.approx(values["val/nelbo"][12], abs=2e-6)
 
-    from pgm_dist.artifacts import load_model
+    from pgm_dist.checkpoints.load import load_model
     from pgm_dist.sampling import generate
 
     loaded = load_model(export)

@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pgm_dist.config import ModelConfig
 from pgm_dist.models import build_model, count_parameters
+from pgm_dist.models.config import ModelConfig
 from tests.train_helpers import REPO, run_train, scalars
 
 STEPS = 12

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pgm_dist.common.cli import HelpFormatter, run_cli
 from pgm_dist.data.builder import AUTO_MIN_TRAIN_SHARDS, DEFAULT_SAMPLES_PER_SHARD, BuildSettings, build
-from pgm_dist.data.images import add_build_images_parser, build_images_command
+from pgm_dist.images.data import add_build_images_parser, build_images_command
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from pgm_dist.data.images import DIGITS_LEVELS
+from pgm_dist.images.data import DIGITS_LEVELS
 
 GAP_VALUE = 255  # white lines between the cells (digits are light strokes on black)
 

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pgm_dist.config import config_from_dict
+from pgm_dist.models.config import config_from_dict
 
 # LlamaGen's training-time ring buffer of recently used codes: not needed to encode or decode.
 USAGE_BUFFER_KEY = "quantize.codebook_used"

@@ -1,7 +1,7 @@
 """Networks: :class:`PGM` and the :class:`MDLM` baseline, built from one config."""
 from torch import nn
 
-from pgm_dist.config import ModelConfig
+from pgm_dist.models.config import ModelConfig
 from pgm_dist.models.mdlm import MDLM
 from pgm_dist.models.pgm import PGM
 

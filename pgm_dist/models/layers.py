@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pgm_dist.attention.interface import AttentionMask, attend
-from pgm_dist.config import ModelConfig
+from pgm_dist.models.config import ModelConfig
 
 Rope = tuple[Tensor, Tensor]  # cos, sin: [B or 1, 1, L, head_dim] float32
 

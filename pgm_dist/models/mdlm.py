@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pgm_dist.attention.interface import AttentionMask
-from pgm_dist.config import ModelConfig
+from pgm_dist.models.config import ModelConfig
 from pgm_dist.models.layers import Block, Conditioning, OutputLayer, Rotary, positions_like, run_blocks, token_embedding
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from pgm_dist.attention.interface import AttentionMask
-from pgm_dist.config import ModelConfig
+from pgm_dist.models.config import ModelConfig
 from pgm_dist.models.layers import (
     Block,
     Conditioning,

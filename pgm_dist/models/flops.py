@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 from pgm_dist.common.zero import full_numel
-from pgm_dist.config import ModelConfig
+from pgm_dist.models.config import ModelConfig
 
 PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
 

@@ -42,7 +42,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from pgm_dist.data.images import DIGITS_LEVELS, digits_split
+from pgm_dist.images.data import DIGITS_LEVELS, digits_split
 
 CLASSIFIER_C = 1.0  # scikit-learn's default L2 strength; the val accuracy is ~0.96 (tests/test_image_sampling.py)
 CLASSIFIER_MAX_ITER = 5000

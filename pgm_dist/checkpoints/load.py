@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from pgm_dist.checkpoint import EMA_FILE, MARKER, STATE_FILE, TOKENIZER_FILE, complete_checkpoints
-from pgm_dist.config import ModelConfig
+from pgm_dist.checkpoints.format import EMA_FILE, MARKER, STATE_FILE, complete_checkpoints
 from pgm_dist.data.default import DEFAULT_DATA
-from pgm_dist.data.shards import VQ_FILE
+from pgm_dist.data.shards import TOKENIZER_FILE, VQ_FILE
 from pgm_dist.data.tokenizer import Tokenizer
 from pgm_dist.models import build_model
+from pgm_dist.models.config import ModelConfig
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"

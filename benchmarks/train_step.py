@@ -36,7 +36,7 @@ from pgm_dist.common.zero import zero_stage
 from pgm_dist.models import build_model
 from pgm_dist.models.config import ModelConfig
 from pgm_dist.models.flops import peak_flops, training_flops_per_token
-from pgm_dist.training import objective_for
+from pgm_dist.training.components import objective_for
 
 ON_OFF = {"off": False, "on": True}
 ENGINES = ("plain", "deepspeed")
@@ -115,9 +115,9 @@ def engine_step(model, config, args, device, compile):
     import deepspeed
 
     from pgm_dist.common.distributed import dist_env, init_process_group
-    from pgm_dist.engine import Engine
-    from pgm_dist.train_config import TrainConfig
-    from pgm_dist.training import run_ds_config
+    from pgm_dist.training.config import TrainConfig
+    from pgm_dist.training.engine import Engine
+    from pgm_dist.training.setup import run_ds_config
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     env = dist_env()

@@ -14,8 +14,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pgm_dist.distillation import parse_distill_config, prepare_distillation
-from pgm_dist.training import launch
+from pgm_dist.distillation.config import parse_distill_config
+from pgm_dist.distillation.task import prepare_distillation
+from pgm_dist.training.session import launch
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ from pgm_dist.data.loader import ValidationLoader
 from pgm_dist.data.shards import DataFolder
 from pgm_dist.evaluation.gen_ppl import load_evaluator, sample_quality
 from pgm_dist.evaluation.nelbo import nelbo_and_perplexity, nelbo_sums
-from pgm_dist.training import objective_for
+from pgm_dist.training.components import objective_for
 
 
 def main(argv=None) -> int:

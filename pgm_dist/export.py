@@ -1,5 +1,5 @@
 """``python -m pgm_dist.export --ckpt DIR --out DIR``: EMA weights as safetensors + config +
-tokenizer, loadable without DeepSpeed (``pgm_dist.artifacts.load_model``)."""
+tokenizer, loadable without DeepSpeed (``pgm_dist.checkpoints.load.load_model``)."""
 from __future__ import annotations
 
 import argparse

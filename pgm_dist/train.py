@@ -14,8 +14,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pgm_dist.train_config import parse_train_config
-from pgm_dist.training import launch
+from pgm_dist.training.config import parse_train_config
+from pgm_dist.training.session import launch
 
 
 def main(argv=None) -> int:

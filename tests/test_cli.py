@@ -11,7 +11,7 @@ from pgm_dist.data.builder import BuildSettings
 from pgm_dist.evaluate import main as evaluate_main
 from pgm_dist.export import main as export_main
 from pgm_dist.sample import main as sample_main
-from pgm_dist.train_config import TrainConfig, build_parser
+from pgm_dist.training.config import TrainConfig, build_parser
 
 
 def _help(main, argv, capsys) -> str:

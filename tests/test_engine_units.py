@@ -11,14 +11,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from pgm_dist.attention.interface import AttentionMask
 from pgm_dist.checkpoints.format import MARKER, complete_checkpoints, find_resume_checkpoint
 from pgm_dist.common.errors import ConfigError
-from pgm_dist.ema import EMA
-from pgm_dist.engine import lr_lambda
 from pgm_dist.models import build_model
 from pgm_dist.models.config import ModelConfig
 from pgm_dist.models.flops import attention_key_counts, peak_flops, training_flops_per_token
 from pgm_dist.objectives import T_MIN, LogLinearSchedule, low_discrepancy_times, partition_groups
-from pgm_dist.telemetry import GpuTelemetry
-from pgm_dist.train_config import TrainConfig, parse_train_config, resolve_ds_config
+from pgm_dist.training.config import TrainConfig, parse_train_config, resolve_ds_config
+from pgm_dist.training.ema import EMA
+from pgm_dist.training.engine import lr_lambda
+from pgm_dist.training.telemetry import GpuTelemetry
 
 
 @pytest.mark.parametrize("preset", ["pgm-tiny", "mdlm-tiny"])

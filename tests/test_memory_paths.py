@@ -10,7 +10,7 @@ from pgm_dist.evaluation.nelbo import nelbo_sums
 from pgm_dist.models.layers import positions_like
 from pgm_dist.objectives import partition_groups
 from pgm_dist.sampling import sample_mdlm
-from pgm_dist.training import objective_for
+from pgm_dist.training.components import objective_for
 from tests.conftest import randomized_model
 
 V, L, B = 61, 48, 2  # B L = 96 tokens

@@ -14,13 +14,13 @@ from pgm_dist.checkpoints.saver import Checkpointer
 from pgm_dist.common.distributed import dist_env, init_process_group
 from pgm_dist.data.loader import TrainLoader
 from pgm_dist.data.shards import DataFolder
-from pgm_dist.engine import Engine
-from pgm_dist.loop import LoopParts, NonFiniteError, TrainingLoop, TrainState
-from pgm_dist.metrics import NullWriter
 from pgm_dist.models import build_model
 from pgm_dist.models.config import ModelConfig
 from pgm_dist.objectives import PGMObjective
-from pgm_dist.train_config import TrainConfig, resolve_ds_config
+from pgm_dist.training.config import TrainConfig, resolve_ds_config
+from pgm_dist.training.engine import Engine
+from pgm_dist.training.loop import LoopParts, NonFiniteError, TrainingLoop, TrainState
+from pgm_dist.training.writer import NullWriter
 from tests.train_helpers import free_port
 
 

@@ -5,15 +5,27 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pgm_dist.ema import EMA
+from pgm_dist.distillation.objective import (
+    DIVERGENCES,
+    TEACHER_FILE,
+    SDTTConfig,
+    SDTTObjective,
+    noisy_input,
+    teacher_target,
+)
 from pgm_dist.objectives import LogLinearSchedule, partition_groups
-from pgm_dist.sdtt import DIVERGENCES, TEACHER_FILE, SDTTConfig, SDTTObjective, noisy_input, teacher_target
+from pgm_dist.training.ema import EMA
 from tests.conftest import randomized_model
 
 EPS = 1e-3
 T_MIN = 1e-5
 TIMES = torch.tensor([0.3, 0.55, 0.8, 1.0])
 
+
+
+def end_step(objective) -> int:
+    """The optimizer step at which distillation ends, from the objective's round state."""
+    return objective.round_start_step + (objective.num_rounds - objective.round) * objective.config.round_steps
 
 def batch(model, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -180,7 +192,7 @@ def test_round_boundary_makes_the_student_the_teacher_and_doubles_dt():
     tokens = batch(student)
     weights = {"raw": lambda: params(student), "ema": lambda: ema.shadow}
     for objective in objectives.values():
-        assert (objective.dt, objective.sampling_steps(), objective.end_step) == (1 / 8, 4, 9)
+        assert (objective.dt, objective.sampling_steps(), end_step(objective)) == (1 / 8, 4, 9)
     for step in range(1, 5):
         optimizer.zero_grad()
         objectives["raw"].loss(student, tokens, TIMES, torch.Generator().manual_seed(step)).backward()
@@ -199,7 +211,7 @@ def test_round_boundary_makes_the_student_the_teacher_and_doubles_dt():
             at_boundary = params(objectives["raw"].teacher)
     objective = objectives["raw"]
     assert_weights_equal(objective.teacher, at_boundary)  # step 4 trains the student only
-    assert objective.end_step == 9
+    assert end_step(objective) == 9
     assert objective.maybe_advance(6, lambda s: weights[s]()) and objective.round == 2
     assert not objective.maybe_advance(9, lambda s: weights[s]()) and objective.round == 2  # the last round
 
@@ -212,7 +224,7 @@ def test_num_rounds_stops_at_rounds_or_min_steps():
         objective = SDTTObjective(teacher, config)
         brute = sum(1 for r in range(rounds) if start_steps / (m * 2**r) >= min_steps)
         assert objective.num_rounds == brute, (start_steps, m, rounds, min_steps)
-    assert SDTTObjective(teacher, SDTTConfig()).num_rounds == 7  # 512 -> 8 steps
+    assert SDTTObjective(teacher, SDTTConfig.paper()).num_rounds == 7  # 512 -> 8 steps
 
 
 def test_state_dict_round_trips_through_a_teacher_file(tmp_path):
@@ -235,7 +247,7 @@ def test_state_dict_round_trips_through_a_teacher_file(tmp_path):
 
     before = loss(fresh)
     fresh.load_state_dict(state)
-    assert (fresh.round, fresh.dt, fresh.round_start_step, fresh.end_step) == (1, 0.25, 2, 6)
+    assert (fresh.round, fresh.dt, fresh.round_start_step, end_step(fresh)) == (1, 0.25, 2, 6)
     assert loss(fresh) == loss(objective) != before
     with pytest.raises(ValueError, match="same values"):
         SDTTObjective(student, SDTTConfig(start_steps=16, min_steps=1)).load_state_dict(state)

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from pgm_dist.data.builder import BuildSettings, build
 from pgm_dist.data.documents import default_corpus_paths
-from pgm_dist.engine import lr_lambda
-from pgm_dist.train_config import TrainConfig
+from pgm_dist.training.config import TrainConfig
+from pgm_dist.training.engine import lr_lambda
 from tests.train_helpers import REPO, module_weights, run_train, scalars, text_tags
 
 SHORT = ["--eval-batches", "2", "--sample-steps", "4", "--num-samples", "2", "--micro-batch", "4"]

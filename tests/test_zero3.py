@@ -161,9 +161,9 @@ def _evaluate_unequal_batches(argv: list[str]) -> None:
     import copy
 
     from pgm_dist.common.distributed import init_process_group
-    from pgm_dist.engine import Engine
-    from pgm_dist.train_config import parse_train_config
-    from pgm_dist.training import prepare_process
+    from pgm_dist.training.config import parse_train_config
+    from pgm_dist.training.engine import Engine
+    from pgm_dist.training.setup import prepare_process
 
     setup = prepare_process(parse_train_config(argv))
     init_process_group(setup.device)

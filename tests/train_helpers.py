@@ -11,7 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pgm_dist.common.distributed import free_port, shared_memory_buffers
-from pgm_dist.metrics import TOKENS_DIR
+from pgm_dist.training.writer import TOKENS_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -32,7 +32,7 @@ def run_train(args: list[str], *, ranks: int | None = None, env: dict | None = N
     cmd += [script, "--no-progress", *args]
     try:
         done = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
-    finally:  # what a killed run could not unlink itself (a finished one does, pgm_dist.training.run)
+    finally:  # what a killed run could not unlink itself (a finished one does, pgm_dist.training.session.run)
         for path in shared_memory_buffers("127.0.0.1", str(port)):
             path.unlink(missing_ok=True)
     if check and done.returncode != 0:

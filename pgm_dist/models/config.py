@@ -77,10 +77,6 @@ class ModelConfig:
         """The MDLM MASK token: one id past the tokenizer's vocabulary."""
         return self.vocab_size
 
-    @property
-    def input_vocab_size(self) -> int:
-        return self.vocab_size + 1 if self.arch == "mdlm" else self.vocab_size
-
     @classmethod
     def preset(cls, name: str, *, vocab_size: int, seq_len: int, **overrides) -> "ModelConfig":
         if name not in PRESETS:

@@ -1,6 +1,6 @@
 """The login-node half of ``launcher/submit.py``: its options, the checks that run before anything
 is submitted, and the submitit executor (SLURM, or the LocalExecutor for ``--local``).
-The in-job half is :mod:`pgm_dist.slurm_job`.
+The in-job half is :mod:`pgm_dist.cluster.job`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from pgm_dist.slurm_job import JobTask, entries, slurm_seconds
+from pgm_dist.cluster.job import JobTask, entries, slurm_seconds
+from pgm_dist.common.cli import run_cli
 
 
 class LaunchError(ValueError):
@@ -204,3 +205,26 @@ def followup(args: argparse.Namespace, job) -> str:
                   f"preempt:     scancel --signal=USR2 {job.job_id}   (saves, requeues, resumes)",
                   f"cancel:      scancel {job.job_id}"]
     return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    args, train_argv = parse_args(argv)
+    return run_cli(lambda: check_and_submit(args, train_argv))
+
+
+def check_and_submit(args, train_argv: list[str]) -> None:
+    """Everything :func:`main` checks before submitting, then the submission (nothing with --dry-run)."""
+    entry = entries()[args.entry]
+    task = JobTask(args.entry, job_argv(args, entry.parse(train_argv)), args.signal_delay)
+    if args.dry_run:
+        print(sbatch_script(args))
+        print("# training options of every (re)start:\n#   " + " ".join(task.argv))
+    entry.check(entry.parse(list(task.argv)), world_sizes(args), check_device(args))
+    if args.dry_run:
+        return
+    job = submit(args, task)
+    print(followup(args, job))
+    if args.local:
+        job.wait()
+        statuses = job.results()
+        print(f"job {job.job_id}: {statuses[0]}")

@@ -5,7 +5,7 @@ steps of size ``dt``. Rounds: every ``round_steps`` optimizer steps the student'
 weights become the teacher and ``dt`` doubles, halving the student's sampling steps.
 
 The objective has the engine's interface (``loss``, ``nelbo``, ``t_min``,
-``state_dict``/``load_state_dict``); distillation's step hook (``pgm_dist/distillation.py``,
+``state_dict``/``load_state_dict``); distillation's step hook (``pgm_dist/distillation/task.py``,
 called by the training loop after every optimizer step) drives the rounds with
 :meth:`SDTTObjective.maybe_advance` (see its docstring).
 """
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from pgm_dist.objectives import LogLinearSchedule, partition_groups
 from pgm_dist.sampling import sample_categorical
-from pgm_dist.training import objective_for
+from pgm_dist.training.components import objective_for
 
 # The file beside the DeepSpeed shards that holds the teacher's weights of a checkpoint.
 TEACHER_FILE = "teacher.safetensors"
@@ -65,16 +65,24 @@ class SDTTConfig:
     round_steps: optimizer steps per round. Distillation runs ``rounds`` rounds, fewer when
     a round's student would sample in fewer than ``min_steps`` steps. teacher_source:
     the student weights that become the next teacher, ``raw`` or ``ema``.
+
+    The defaults are the command line's (a CPU quick start: students at 32, 16 and 8 steps);
+    :meth:`paper` gives the papers' schedule.
     """
 
-    start_steps: int = 1024
+    start_steps: int = 64
     teacher_steps: int = 2
-    round_steps: int = 10_000
-    rounds: int = 7
+    round_steps: int = 50
+    rounds: int = 3
     min_steps: int = 8
     divergence: str = "kl-rev"
     teacher_source: str = "raw"
     t_min: float = 1e-5
+
+    @classmethod
+    def paper(cls, **overrides) -> "SDTTConfig":
+        """The papers' schedule: K0 1024, 10,000 optimizer steps per round, 7 rounds (512 ... 8 steps)."""
+        return cls(**{"start_steps": 1024, "round_steps": 10_000, "rounds": 7, **overrides})
 
     def __post_init__(self):
         if self.teacher_steps < 1:
@@ -209,11 +217,6 @@ class SDTTObjective:
     @property
     def num_rounds(self) -> int:
         return self.config.num_rounds
-
-    @property
-    def end_step(self) -> int:
-        """The optimizer step at which distillation ends (the loop's ``max_steps``)."""
-        return self.round_start_step + (self.num_rounds - self.round) * self.config.round_steps
 
     def round_ends_at(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based count of steps done) ends the current round."""

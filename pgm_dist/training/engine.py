@@ -15,10 +15,10 @@ from torch import nn
 
 from pgm_dist.common.distributed import DistEnv, all_reduce
 from pgm_dist.common.zero import local_values, zero_stage
-from pgm_dist.ema import EMA
 from pgm_dist.evaluation.nelbo import nelbo_and_perplexity, nelbo_sums
 from pgm_dist.objectives import derived_seed, global_sample_indices, low_discrepancy_times, shared_uniform, unpack
-from pgm_dist.train_config import TrainConfig
+from pgm_dist.training.config import TrainConfig
+from pgm_dist.training.ema import EMA
 
 
 def lr_lambda(cfg: TrainConfig):

@@ -10,135 +10,25 @@ CPU quick start on the default training run (students at 32, 16 and 8 steps); th
 with a global batch of 128.
 
 Every checkpoint holds the round, ``dt`` and the teacher (``teacher.safetensors``), so a run
-resumes anywhere, at any world size, with the right teacher.
-"""
+resumes anywhere, at any world size, with the right teacher."""
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from pgm_dist.checkpoints.format import EMA_FILE, STATE_FILE
-from pgm_dist.checkpoints.load import EXPORT_CONFIG, EXPORT_WEIGHTS, resolve_model_dir, training_data_folder
+from pgm_dist.checkpoints.load import training_data_folder
 from pgm_dist.common.distributed import DistEnv
 from pgm_dist.common.errors import ConfigError
 from pgm_dist.common.seeding import sample_seed
+from pgm_dist.distillation.config import DistillConfig
+from pgm_dist.distillation.objective import SDTTObjective
+from pgm_dist.distillation.teacher import find_teacher, initial_weights
 from pgm_dist.models.config import ModelConfig
-from pgm_dist.sdtt import DIVERGENCES, TEACHER_SOURCES, SDTTConfig, SDTTObjective
-from pgm_dist.train_config import TrainConfig, _opt, parse_train_config
-from pgm_dist.training import Setup, Task, prepare
-
-DEFAULT_TEACHER = Path("runs/default")
-INIT_SOURCES = ("auto", "raw", "ema")
-
-
-@dataclass
-class DistillConfig(TrainConfig):
-    """TrainConfig's options (the model is the teacher's, so no ``--model``) and SDTT's."""
-
-    cli_excluded: ClassVar[tuple[str, ...]] = ("model",)
-
-    out: str = _opt("runs/distill", "run folder: checkpoints, TensorBoard logs, resolved config")
-    max_steps: int = _opt(0, "stop after this many optimizer steps in total (0: at the end of the last round, "
-                             "rounds x round steps); a run stopped early resumes with a larger value or 0")
-    lr: float = _opt(3e-4, "peak learning rate (the papers: 3e-4)")
-    warmup_steps: int = _opt(10, "linear warm-up steps (the papers: 2500)")
-    teacher: str | None = _opt(None, "the model to distil: a checkpoint, a run folder (its latest checkpoint) or "
-                                     "an export (default: the latest checkpoint of runs/default)")
-    init_from: str = _opt("auto", "the teacher's weights the student (and first teacher) start from: raw (fp32 "
-                                  "master weights of a checkpoint, as the reference), ema, or auto (raw for a "
-                                  "checkpoint, ema for an export, which holds only those)", choices=INIT_SOURCES)
-    start_steps: int = _opt(64, "K0: the first teacher's sampling steps; dt starts at 1/K0 (the papers: 1024)")
-    teacher_steps: int = _opt(2, "m: teacher steps matched by one student step; K0 must be m times a power of 2")
-    round_steps: int = _opt(50, "optimizer steps per round (the papers: 10000)")
-    rounds: int = _opt(3, "rounds; round r's student samples in K0 / (m 2^r) steps")
-    min_steps: int = _opt(8, "stop before a round whose student would sample in fewer steps")
-    divergence: str = _opt("kl-rev", "loss on the masked positions: reverse KL (student || teacher), forward KL, "
-                                     "MSE of log-probabilities, total variation", choices=tuple(DIVERGENCES))
-    teacher_source: str = _opt("raw", "the student weights that become the next teacher", choices=TEACHER_SOURCES)
-    t_min: float = _opt(1e-5, "smallest noise level t drawn")
-    reset_optimizer: bool = _opt(False, "at each round's start, restart Adam (moments and step count, as a fresh "
-                                        "optimizer; the learning-rate schedule goes on); default: it continues")
-    reset_ema: bool = _opt(False, "at each round's start, restart the EMA from the student's current weights, with "
-                                  "its warm-up; default: it continues")
-    eval_model: str | None = _opt(None, "a Hugging Face causal LM folder (pip install -e '.[eval]'): generative "
-                                        "perplexity of the samples drawn at the end of each round")
-    eval_samples: int = _opt(8, "sequences sampled with the EMA weights at the end of each round")
-
-    def __post_init__(self) -> None:
-        try:
-            sdtt = self.sdtt
-        except ValueError as err:
-            raise ConfigError(str(err).replace("start steps", "--start-steps")) from None
-        end = sdtt.num_rounds * sdtt.round_steps
-        if self.max_steps == 0:
-            self.max_steps = end
-        elif self.max_steps > end:
-            raise ConfigError(f"--max-steps {self.max_steps}: distillation ends at step {end} "
-                              f"({sdtt.num_rounds} rounds of {sdtt.round_steps} steps)")
-        if self.eval_samples < 1:
-            raise ConfigError(f"--eval-samples must be at least 1, got {self.eval_samples}")
-        super().__post_init__()
-
-    @property
-    def sdtt(self) -> SDTTConfig:
-        return SDTTConfig(self.start_steps, self.teacher_steps, self.round_steps, self.rounds, self.min_steps,
-                          self.divergence, self.teacher_source, self.t_min)
-
-
-def parse_distill_config(argv: list[str] | None = None) -> DistillConfig:
-    """``pgm_dist/distill.py``'s options (also the launcher's ``--entry distill``); argparse errors exit 2."""
-    return parse_train_config(argv, DistillConfig, prog="deepspeed pgm_dist/distill.py",
-                              description="Distil a trained model with SDTT (self-distillation through time).",
-                              epilog=__doc__)
-
-
-@dataclass
-class Teacher:
-    source: Path  # the export or checkpoint folder
-    info: dict  # its config.json (export) or pgm_state.json (checkpoint)
-
-    @property
-    def is_export(self) -> bool:
-        return (self.source / EXPORT_WEIGHTS).is_file()
-
-
-def find_teacher(path: str | None) -> Teacher:
-    """The checkpoint or export ``--teacher`` names, or the default run's latest checkpoint."""
-    try:
-        source = resolve_model_dir(path or DEFAULT_TEACHER)
-    except FileNotFoundError as err:
-        if path is None:
-            raise ConfigError(f"no --teacher given and {DEFAULT_TEACHER} holds no complete checkpoint: train one "
-                              "first with `deepspeed pgm_dist/train.py --ds_config ds_configs/zero2.json`, "
-                              "or pass --teacher PATH") from None
-        raise ConfigError(f"--teacher: {err}") from None
-    info_file = source / (EXPORT_CONFIG if (source / EXPORT_WEIGHTS).is_file() else STATE_FILE)
-    return Teacher(source, json.loads(info_file.read_text()))
-
-
-def initial_weights(teacher: Teacher, init_from: str) -> dict[str, torch.Tensor]:
-    """fp32 weights by parameter name: ``raw`` = the checkpoint's fp32 master weights (gathered
-    from the ZeRO shards, exact also for a bf16 run), ``ema`` = its EMA (an export's weights)."""
-    if init_from == "auto":
-        init_from = "ema" if teacher.is_export else "raw"
-    if teacher.is_export:
-        if init_from == "raw":
-            raise ConfigError(f"--init-from raw: {teacher.source} is an export, which holds only the EMA weights; "
-                              "pass its checkpoint as --teacher, or --init-from ema")
-        return load_file(str(teacher.source / EXPORT_WEIGHTS))
-    if init_from == "ema":
-        return load_file(str(teacher.source / EMA_FILE))
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(teacher.source.parent), tag=teacher.source.name)
-    return {name: tensor.float() for name, tensor in weights.items()}
+from pgm_dist.training.components import Task
+from pgm_dist.training.setup import Setup, prepare
 
 
 def student_weights(engine, source: str) -> dict[str, torch.Tensor]:
@@ -232,7 +122,7 @@ class DistillTask(Task):
 
 
 def prepare_distillation(cfg: DistillConfig, env: DistEnv, device: torch.device) -> Setup:
-    """:func:`pgm_dist.training.prepare` with the teacher's model; raises every user error
+    """:func:`pgm_dist.training.setup.prepare` with the teacher's model; raises every user error
     (teacher, data, evaluator) before any distributed work."""
     teacher = find_teacher(cfg.teacher)
     if cfg.data is None:  # the teacher's own data, as evaluate does
@@ -271,3 +161,4 @@ def prepare_distillation(cfg: DistillConfig, env: DistEnv, device: torch.device)
               + ", ".join(str(cfg.start_steps // (cfg.teacher_steps * 2**r)) for r in range(cfg.sdtt.num_rounds))
               + " sampling steps")
     return setup
+

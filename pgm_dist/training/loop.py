@@ -23,10 +23,10 @@ from tqdm import tqdm
 from pgm_dist.checkpoints.format import load_ema_weights
 from pgm_dist.checkpoints.saver import Checkpointer
 from pgm_dist.common.distributed import all_gather_objects, all_reduce
-from pgm_dist.engine import Engine
-from pgm_dist.metrics import NullWriter
 from pgm_dist.models.flops import peak_flops, training_flops_per_token
-from pgm_dist.telemetry import GpuTelemetry
+from pgm_dist.training.engine import Engine
+from pgm_dist.training.telemetry import GpuTelemetry
+from pgm_dist.training.writer import NullWriter
 
 
 class NonFiniteError(RuntimeError):

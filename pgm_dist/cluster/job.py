@@ -1,0 +1,155 @@
+"""What runs inside a job of ``launcher/submit.py``: one task per rank, on SLURM or submitit's
+LocalExecutor. submitit pickles a :class:`JobTask`; every task unpickles it and calls it.
+
+Preemption and time limits, and why the requeue waits for the save
+------------------------------------------------------------------
+submitit's own USR2 handler (installed before the task starts) would, on global rank 0
+only, call ``checkpoint()`` and requeue the job at once, killing every rank mid-step: a
+DeepSpeed save is collective and cannot happen inside a signal handler on one rank. So:
+
+1. The training loop's ``StopFlag`` replaces that handler on every rank (SIGUSR2 and
+   SIGTERM: SLURM's ``--signal=USR2@delay`` warning, ``scancel --signal=USR2``, or the
+   LocalExecutor's signal). Every rank raises a flag; the flag is all-reduced at the next
+   step boundary; all ranks save one complete checkpoint; ``run()`` returns "preempted".
+2. Only then does :meth:`JobTask.__call__` hand over to submitit's requeue mechanics
+   (:class:`RequeueAfterSave`, a ``SignalHandler``): on rank 0 it decides time-out vs
+   preemption, decrements the time-out countdown (``--max-requeues``), calls
+   :meth:`JobTask.checkpoint` (a fresh submission: it saves nothing), writes the new job
+   pickle and requeues (``scontrol requeue``; exit code 144 under the LocalExecutor).
+   The other ranks return; SLURM stops the whole job step on the requeue.
+3. The requeued job starts the same task, which resumes with ``--resume auto`` from the
+   latest complete checkpoint in the same output folder, at whatever world size it got.
+
+A signal that arrives before the loop exists (during imports and setup) still reaches
+submitit's handler: rank 0 requeues at once, which loses no training since the last save.
+
+Time-out or preemption: submitit guesses from the elapsed time (a signal after
+min(0.8 x limit, limit - 10 min) is a time-out, so every signal of a job shorter than 50
+minutes counts as one). Here the scheduler's own time left decides: a time-out when at
+most ``signal_delay_s + 60`` seconds are left (SLURM may warn up to 60 s early).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import submitit
+from submitit.core.job_environment import SignalHandler
+from submitit.core.utils import DelayedSubmission
+
+SLURM_EARLY_WARNING_S = 60
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry point the launcher can run (``--entry``): training or distillation."""
+    parse: Callable  # argv -> config (argparse errors exit with status 2)
+    check: Callable  # (config, world sizes the job may get, device) -> None; raises USER_ERRORS
+    prepare: Callable  # config -> Setup of this process (raises USER_ERRORS)
+    run: Callable  # Setup -> "finished" | "preempted"
+
+
+def entries() -> dict[str, Entry]:
+    """``--entry`` name -> Entry: ``train`` (``pgm_dist/train.py``), ``distill`` (``pgm_dist/distill.py``)."""
+    from pgm_dist.distillation.config import parse_distill_config
+    from pgm_dist.distillation.task import prepare_distillation
+    from pgm_dist.distillation.teacher import find_teacher
+    from pgm_dist.training.config import parse_train_config
+    from pgm_dist.training.session import run
+    from pgm_dist.training.setup import check_before_launch, prepare_process
+
+    def check_distillation(cfg, world_sizes: list[int], device) -> None:
+        find_teacher(cfg.teacher)  # the rest of the teacher's checks need its data, read in the job
+        check_before_launch(cfg, world_sizes, device)
+
+    return {"train": Entry(parse_train_config, check_before_launch, prepare_process, run),
+            "distill": Entry(parse_distill_config, check_distillation,
+                             lambda cfg: prepare_process(cfg, prepare_distillation), run)}
+
+
+def slurm_seconds(text: str) -> int | None:
+    """SLURM durations (``--time`` and ``squeue %L``) in seconds: ``M``, ``M:S``, ``H:M:S``,
+    ``D-H``, ``D-H:M``, ``D-H:M:S``; None for UNLIMITED / NOT_SET. Raises ValueError otherwise."""
+    text = text.strip()
+    if text.upper() in ("UNLIMITED", "INFINITE", "NOT_SET"):
+        return None
+    days, _, clock = text.rpartition("-")
+    parts = clock.split(":")
+    if not all(p.isdigit() for p in parts) or len(parts) > 3 or (days and not days.isdigit()):
+        raise ValueError(f"cannot read {text!r} as a SLURM time (minutes, MM:SS, HH:MM:SS or D-HH:MM:SS)")
+    numbers = [int(p) for p in parts]
+    if days:  # D-H, D-H:M, D-H:M:S
+        h, m, s = (numbers + [0, 0])[:3]
+        return ((int(days) * 24 + h) * 60 + m) * 60 + s
+    h, m, s = {1: [0, numbers[0], 0], 2: [0, *numbers], 3: numbers}[len(numbers)]
+    return (h * 60 + m) * 60 + s
+
+
+def seconds_left(started: float) -> float | None:
+    """Seconds until the scheduler stops this job (None: no limit or not known)."""
+    if "SLURM_JOB_ID" in os.environ:
+        out = subprocess.run(["squeue", "-h", "-j", os.environ["SLURM_JOB_ID"], "-o", "%L"], capture_output=True,
+                             text=True, timeout=60)
+        try:
+            return slurm_seconds(out.stdout)
+        except ValueError:
+            return None
+    if "SUBMITIT_LOCAL_TIMEOUT_S" in os.environ:  # the LocalExecutor's limit counts from the tasks' start
+        return float(os.environ["SUBMITIT_LOCAL_TIMEOUT_S"]) - (time.time() - started)
+    return None
+
+
+class RequeueAfterSave(SignalHandler):
+    """submitit's requeue (time-out countdown, ``checkpoint()``, new job pickle, requeue, exit), run
+    after the loop saved instead of from the signal; the time left decides time-out vs preemption."""
+
+    def __init__(self, started: float, signal_delay_s: int):
+        env = submitit.JobEnvironment()
+        super().__init__(env, env.paths, DelayedSubmission.load(env.paths.submitted_pickle))
+        self._start_time, self.signal_delay_s = started, signal_delay_s
+
+    def has_timed_out(self) -> bool:
+        left = seconds_left(self._start_time)
+        timed_out = left is not None and left <= self.signal_delay_s + SLURM_EARLY_WARNING_S
+        self._logger.info(f"{left} s left in the allocation: {'time-out' if timed_out else 'preemption'}")
+        return timed_out
+
+
+def launch_info() -> dict:
+    env = submitit.JobEnvironment()
+    return {"job_id": env.job_id, "nodes": ",".join(env.hostnames), "num_nodes": env.num_nodes}
+
+
+@dataclass(frozen=True)
+class JobTask:
+    """The callable submitit pickles: ``entry`` with ``argv`` (which name the output folder and
+    ``--resume auto``), on every task of the job."""
+    entry: str
+    argv: tuple[str, ...]
+    signal_delay_s: int
+
+    def __call__(self) -> str:
+        started = time.time()
+        # The job's own ranks win over torch variables the submitting shell may have exported.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        entry = entries()[self.entry]
+        setup = entry.prepare(entry.parse(list(self.argv)))
+        setup.launch = launch_info()
+        status = entry.run(setup)
+        if status == "preempted":  # saved on every rank: now requeue (rank 0; the others return)
+            RequeueAfterSave(started, self.signal_delay_s).checkpoint_and_try_requeue(signal.SIGUSR2)
+        else:
+            # Finished: a time-limit warning now means nothing. Python resets the handlers it installed
+            # (the loop's) to the default action, terminate, while it shuts down, so a warning arriving
+            # then turned a completed job into a FAILED one; an ignored signal stays ignored.
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        return status
+
+    def checkpoint(self) -> DelayedSubmission:
+        """Called by submitit on rank 0 to requeue: the same task, which resumes from the latest
+        complete checkpoint. It saves nothing (the loop already did, on every rank)."""
+        return DelayedSubmission(JobTask(self.entry, self.argv, self.signal_delay_s))

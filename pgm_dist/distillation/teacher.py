@@ -1,0 +1,57 @@
+"""The model distillation starts from: a checkpoint, a run folder or an export, and its weights."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from pgm_dist.checkpoints.format import EMA_FILE, STATE_FILE
+from pgm_dist.checkpoints.load import EXPORT_CONFIG, EXPORT_WEIGHTS, resolve_model_dir
+from pgm_dist.common.errors import ConfigError
+from pgm_dist.distillation.config import DEFAULT_TEACHER
+
+
+@dataclass
+class Teacher:
+    source: Path  # the export or checkpoint folder
+    info: dict  # its config.json (export) or pgm_state.json (checkpoint)
+
+    @property
+    def is_export(self) -> bool:
+        return (self.source / EXPORT_WEIGHTS).is_file()
+
+
+def find_teacher(path: str | None) -> Teacher:
+    """The checkpoint or export ``--teacher`` names, or the default run's latest checkpoint."""
+    try:
+        source = resolve_model_dir(path or DEFAULT_TEACHER)
+    except FileNotFoundError as err:
+        if path is None:
+            raise ConfigError(f"no --teacher given and {DEFAULT_TEACHER} holds no complete checkpoint: train one "
+                              "first with `deepspeed pgm_dist/train.py --ds_config ds_configs/zero2.json`, "
+                              "or pass --teacher PATH") from None
+        raise ConfigError(f"--teacher: {err}") from None
+    info_file = source / (EXPORT_CONFIG if (source / EXPORT_WEIGHTS).is_file() else STATE_FILE)
+    return Teacher(source, json.loads(info_file.read_text()))
+
+
+def initial_weights(teacher: Teacher, init_from: str) -> dict[str, torch.Tensor]:
+    """fp32 weights by parameter name: ``raw`` = the checkpoint's fp32 master weights (gathered
+    from the ZeRO shards, exact also for a bf16 run), ``ema`` = its EMA (an export's weights)."""
+    if init_from == "auto":
+        init_from = "ema" if teacher.is_export else "raw"
+    if teacher.is_export:
+        if init_from == "raw":
+            raise ConfigError(f"--init-from raw: {teacher.source} is an export, which holds only the EMA weights; "
+                              "pass its checkpoint as --teacher, or --init-from ema")
+        return load_file(str(teacher.source / EXPORT_WEIGHTS))
+    if init_from == "ema":
+        return load_file(str(teacher.source / EMA_FILE))
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(teacher.source.parent), tag=teacher.source.name)
+    return {name: tensor.float() for name, tensor in weights.items()}
+

@@ -1,0 +1,170 @@
+"""Training composition shared by every entry point: ``deepspeed pgm_dist/train.py``,
+``deepspeed pgm_dist/distill.py`` (its own :class:`Task` and ``prepare``) and the SLURM
+launcher's in-job task (:class:`pgm_dist.cluster.job.JobTask`, submitted by
+``launcher/submit.py``) all end in :func:`prepare_process` then :func:`run`. Every error a
+user can cause is raised by ``prepare`` before any distributed work starts."""
+from __future__ import annotations
+
+import logging
+
+import deepspeed
+import torch
+
+from pgm_dist.checkpoints.saver import Checkpointer
+from pgm_dist.checkpoints.universal import prepare_universal
+from pgm_dist.common.cli import run_cli
+from pgm_dist.common.distributed import init_process_group, release_shared_memory
+from pgm_dist.common.files import write_json_atomic
+from pgm_dist.common.seeding import sample_seed
+from pgm_dist.common.zero import full_numel, zero_stage
+from pgm_dist.data.loader import ValidationLoader
+from pgm_dist.images.pictures import grid_array, pixel_decoder, sample_pictures, save_grid
+from pgm_dist.sampling import generate
+from pgm_dist.training.config import TrainConfig
+from pgm_dist.training.engine import Engine
+from pgm_dist.training.loop import LoopParts, TrainingLoop, TrainState
+from pgm_dist.training.setup import Setup, codec_sha256, prepare, prepare_process
+from pgm_dist.training.writer import make_writer
+
+
+def run(setup: Setup) -> str:
+    """Train (or distil) what ``setup`` describes: build -> restore -> announce -> loop -> summarize.
+    Returns how the loop ended ("finished", "preempted", ...)."""
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    init_process_group(setup.device)
+    loop = build_loop(setup)
+    restore(loop, setup)
+    announce(loop, setup)
+    try:
+        status = loop.run()
+    finally:
+        loop.p.writer.close()
+    release_shared_memory(setup.env)
+    summarize(loop, setup, status)
+    return status
+
+
+def build_loop(setup: Setup) -> TrainingLoop:
+    """The model and objective (the task's), the DeepSpeed engine and the loop around it, with the
+    task's hooks attached; nothing restored yet."""
+    cfg, env = setup.cfg, setup.env
+    torch.manual_seed(cfg.seed)
+    model, objective = setup.task.build(setup)
+    engine = Engine(model, objective, cfg, setup.ds_config, env, setup.device)
+    checkpointer = Checkpointer(setup.out / "checkpoints", env, cfg.keep_last, cfg.ckpt_every, cfg.ckpt_minutes)
+    parts = LoopParts(engine, setup.train_loader, lambda: validation_batches(setup, engine.micro_batch),
+                      checkpointer, None, sampler(setup), lambda state: checkpoint_state(setup, state),
+                      setup.tokenizer.path if setup.tokenizer else None)
+    loop = TrainingLoop(parts, TrainState())
+    setup.task.attach(loop, setup)
+    return loop
+
+
+def validation_batches(setup: Setup, micro_batch: int):
+    """This rank's validation batches of one evaluation (none when the data has no val shards)."""
+    folder, env = setup.folder, setup.env
+    if not any(folder.path.glob("val-*.tar")):
+        return []
+    return ValidationLoader(folder.val_sources, seq_len=folder.meta.seq_len, micro_batch=micro_batch,
+                            rank=env.rank, world_size=env.world_size, max_batches=setup.cfg.eval_batches,
+                            labels=folder.is_image)
+
+
+def sampler(setup: Setup):
+    """``sample(model, step)``: the run's sample texts, or (image data) a picture grid per class:
+    uint8 [H, W, 3] for TensorBoard, also written to OUT/samples/step_XXXXXXXX.png."""
+    cfg, device = setup.cfg, setup.device
+    if not setup.folder.is_image:
+        def sample_texts(model, step: int) -> list[str]:
+            generator = torch.Generator(device).manual_seed(sample_seed(cfg.seed, step))
+            tokens = generate(model, cfg.num_samples, cfg.sample_steps, generator=generator)
+            return [setup.tokenizer.decode(row.tolist()) for row in tokens]
+        return sample_texts
+
+    decode = pixel_decoder(setup.folder.vq_path)
+    classes = range(min(10, setup.model_config.num_classes))  # one row per class, at most 10
+
+    def sample_grid(model, step: int):
+        generator = torch.Generator(device).manual_seed(sample_seed(cfg.seed, step))
+        pixels = sample_pictures(model, classes, cfg.num_samples, cfg.sample_steps, decode,
+                                 cfg=cfg.sample_cfg, generator=generator)
+        scale = max(1, 64 // pixels.shape[2])  # small grids (digits' 8x8) drawn larger
+        if setup.env.is_main:
+            save_grid(pixels, setup.out / "samples" / f"step_{step:08d}.png", scale=scale)
+        return grid_array(pixels, scale=scale)
+    return sample_grid
+
+
+def checkpoint_state(setup: Setup, state: TrainState) -> dict:
+    """What ``pgm_state.json`` records beside DeepSpeed's files (see :mod:`pgm_dist.checkpoints.format`)."""
+    return {"step": state.step, "train_state": state.state_dict(), "world_size": setup.env.world_size,
+            "zero_stage": zero_stage(setup.ds_config), "model_config": setup.model_config.to_dict(),
+            "train_config": setup.cfg.to_dict(), "tokenizer_sha256": codec_sha256(setup.folder, setup.tokenizer),
+            "data_meta": setup.folder.meta.to_dict()}
+
+
+def restore(loop: TrainingLoop, setup: Setup) -> None:
+    """Load the checkpoint ``setup`` resumes from (a universal one at another world size or stage),
+    then open the TensorBoard writer at the restored step."""
+    state, env = loop.state, setup.env
+    if setup.resume_from is not None:
+        tag = prepare_universal(setup.resume_from, env) if setup.universal else setup.resume_from.name
+        _, client_state = loop.p.engine.ds.load_checkpoint(str(setup.resume_from.parent), tag=tag,
+                                                           load_optimizer_states=True, load_lr_scheduler_states=True)
+        loop.restore(client_state, setup.resume_from)
+        state.restarts += 1
+        if env.is_main:
+            print(f"resumed from {setup.resume_from} at step {state.step}")
+    loop.p.writer = make_writer(env.is_main, setup.out / "tb", state.step, state.tokens_seen)
+
+
+def announce(loop: TrainingLoop, setup: Setup) -> None:
+    """Every (re)start: where it runs in TensorBoard (so a requeued or resized job is visible), the
+    resolved configuration in OUT/config.json and one line on the console."""
+    cfg, env, state, engine, writer = setup.cfg, setup.env, loop.state, loop.p.engine, loop.p.writer
+    writer.text("run/start", f"job {setup.launch.get('job_id', '-')} on {setup.launch.get('nodes', '-')}: "
+                             f"world size {env.world_size}, restart {state.restarts}, step {state.step}", state.step)
+    writer.scalars({"run/world_size": env.world_size, "run/restarts": state.restarts,
+                    "run/nodes": setup.launch.get("num_nodes")}, state.step, state.tokens_seen)
+    memory = engine.model_state_bytes()
+    if not env.is_main:
+        return
+    setup.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(setup.out / "config.json", {
+        "train": cfg.to_dict(), "model": setup.model_config.to_dict(), "ds_config": setup.ds_config,
+        "data": str(setup.folder.path), "world_size": env.world_size,
+        "batch": {"global": engine.global_batch, "micro": engine.micro_batch, "accumulation": engine.accum},
+        "model_state_bytes_per_rank": memory})
+    parameters = sum(map(full_numel, engine.ds.module.parameters()))
+    print(f"training {setup.model_config.preset_name} ({parameters / 1e6:.1f}M parameters) on {setup.folder.path} "
+          f"for {cfg.max_steps} steps: global batch {engine.global_batch} = {engine.micro_batch} x "
+          f"{env.world_size} ranks x {engine.accum} accumulation, "
+          f"{'bf16' if setup.ds_config['bf16']['enabled'] else 'fp32'}, ZeRO-{zero_stage(setup.ds_config)}, "
+          f"{setup.device}; model states per rank {memory['total'] / 2**20:.1f} MiB (parameters "
+          f"{memory['params'] / 2**20:.1f}, gradients {memory['grads'] / 2**20:.1f}, optimizer "
+          f"{memory['optimizer'] / 2**20:.1f})")
+
+
+def summarize(loop: TrainingLoop, setup: Setup, status: str) -> None:
+    """Rank 0: how the run ended, the last samples, where the logs and checkpoints are."""
+    if not setup.env.is_main:
+        return
+    cfg, out = setup.cfg, setup.out
+    print(f"\n{status} at step {loop.state.step}.")
+    for i, text in enumerate(loop.last_texts):
+        print(f"--- sample {i} (EMA weights, {cfg.sample_steps} steps) ---\n{text[:600]}")
+    if setup.folder.is_image:
+        print(f"sample pictures (EMA weights, {cfg.sample_steps} steps, guidance {cfg.sample_cfg}): {out / 'samples'}")
+    print(f"\nTensorBoard logs: {out / 'tb'}   (tensorboard --logdir {out / 'tb'})")
+    print(f"checkpoints:      {out / 'checkpoints'}")
+
+
+def launch(cfg: TrainConfig, prepare=prepare) -> int:
+    """A ``deepspeed`` entry's body after parsing: exit status 2 with the message on a user error
+    (every one is raised while preparing, before any distributed work)."""
+    prepared = []
+    status = run_cli(lambda: prepared.append(prepare_process(cfg, prepare)))
+    if prepared:
+        run(prepared[0])
+    return status
+

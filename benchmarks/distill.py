@@ -7,9 +7,9 @@ step count, measured in one run on the built-in corpus.
    K / 2^rounds steps);
 2. trains its own evaluator, since none can be downloaded here: a small GPT-2 (``transformers``)
    with a byte-level BPE (``tokenizers``) on decoded blocks of the same corpus's training split,
-   saved as a Hugging Face folder that ``pgm_dist.gen_ppl.load_evaluator`` reads;
+   saved as a Hugging Face folder that ``pgm_dist.evaluation.gen_ppl.load_evaluator`` reads;
 3. samples both models (EMA weights) at K, K/2, K/4, K/8 ... steps and scores the samples with
-   ``pgm_dist.gen_ppl.sample_quality``; held-out blocks scored the same way give the reference.
+   ``pgm_dist.evaluation.gen_ppl.sample_quality``; held-out blocks scored the same way give the reference.
 
 Teacher, student and evaluator are cached under ``--cache`` in folders named by a hash of their
 settings, so a re-run with the same options only samples and scores. The goal check (the

@@ -3,7 +3,7 @@
 # README's install command. Writes OUT_DIR/results.md (each step's status and seconds, the
 # target lines, then every table) and OUT_DIR/steps/STEP.txt (each step's whole output):
 #   env                the GPU, torch / triton / deepspeed versions
-#   kernel_tests       tests/test_triton.py, test_attention.py, test_memory_paths.py, Triton compiled
+#   kernel_tests       tests/unit/attention/test_triton.py, test_attention.py, tests/e2e/attention/test_triton_compile.py, tests/unit/models/test_memory_paths.py, Triton compiled
 #   bf16_check         bf16 kernels against fp32 SDPA (Triton's CPU interpreter cannot check bf16)
 #   attention          forward + backward at pgm-small's shape (768/12), bf16, L 1024 and 4096,
 #                      batch 8: dense-mask SDPA (reference), flex, fused Triton; target: Triton
@@ -134,8 +134,8 @@ if ((smoke)); then
 else
     step env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv && python -c '$versions'"
 fi
-step kernel_tests 180 python -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_attention.py \
-    tests/test_memory_paths.py "${kernel_tests[@]}"
+step kernel_tests 180 python -m pytest -q -p no:cacheprovider tests/unit/attention tests/e2e/attention \
+    tests/unit/models/test_memory_paths.py tests/e2e/models/test_compile.py "${kernel_tests[@]}"
 # bf16 out / dq / dk / dv of each head dim, L not a multiple of the tile, against fp32 SDPA on
 # the same inputs; fails over 2% of each tensor's largest magnitude (SDPA's own bf16: ~0.5%).
 step bf16_check 60 python benchmarks/attention.py --check 2e-2 --backends reference triton --device $device "${bf16[@]}"

@@ -2,10 +2,10 @@
 AdamW), per engine, preset, attention backend, loss chunk, activation checkpointing and
 ``torch.compile``, beside this machine's dense matmul rate measured in the same run.
 FLOPs are model FLOPs counting only the attention pairs the partition allows
-(``pgm_dist.flops``), the numerator of MFU (printed for GPUs of known bf16 peak).
+(``pgm_dist.models.flops``), the numerator of MFU (printed for GPUs of known bf16 peak).
 
 Engines: ``plain`` is a torch AdamW step under autocast; ``deepspeed`` is what training runs:
-``pgm_dist.engine.Engine`` (DeepSpeed with ``--ds-config``, ZeRO-2 by default, as one rank of
+``pgm_dist.training.engine.Engine`` (DeepSpeed with ``--ds-config``, ZeRO-2 by default, as one rank of
 one, micro-batch = global batch = ``--batch``; bf16 weights when ``--dtype bfloat16``), its EMA
 and ``Engine.train_step`` on random tokens.
 
@@ -110,7 +110,7 @@ def plain_step(model, config, args, device, dtype):
 
 
 def engine_step(model, config, args, device, compile):
-    """``pgm_dist.engine.Engine`` over ``model`` as the only rank (this process's own process
+    """``pgm_dist.training.engine.Engine`` over ``model`` as the only rank (this process's own process
     group) and its step function; returns the module it trains and the step."""
     import deepspeed
 
@@ -176,7 +176,7 @@ def main(argv=None) -> None:
           + (f"; MFU against a bf16 peak of {gpu_peak / 1e12:.0f} TFLOP/s" if gpu_peak else ""))
     if "deepspeed" in args.engines:
         stage = zero_stage(json.loads(Path(args.ds_config).read_text()))
-        print(f"engine deepspeed: pgm_dist.engine.Engine, {args.ds_config} (ZeRO-{stage}) as one rank, "
+        print(f"engine deepspeed: pgm_dist.training.engine.Engine, {args.ds_config} (ZeRO-{stage}) as one rank, "
               f"micro-batch = global batch = {args.batch}, {'bf16' if args.dtype == 'bfloat16' else 'fp32'} weights")
     memory = "peak alloc MiB" if device.type == "cuda" else "peak RSS+ MiB"
     print(f"{'engine':<9} {'preset':<12} {'backend':<10} {'chunk':>6} {'ckpt':>4} {'comp':>4} {'tokens/s':>10} "

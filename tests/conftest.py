@@ -1,4 +1,7 @@
+"""Shared fixtures. Tests under tests/e2e/ get the ``e2e`` marker (``pytest -m "not e2e"`` is the
+inner loop); helpers live in tests/helpers/, scripts that ``deepspeed`` runs in tests/scripts/."""
 import os
+from pathlib import Path
 
 import torch
 
@@ -9,21 +12,15 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from pgm_dist.models import build_model
-from pgm_dist.models.config import ModelConfig
+from tests.helpers.models import randomized_model  # noqa: E402
 
-  # noqa: E402
+E2E = Path(__file__).resolve().parent / "e2e"
 
 
-def randomized_model(preset: str, vocab_size: int = 61, seq_len: int = 48, seed: int = 0, **overrides):
-    """A tiny model whose zero-initialised layers (adaLN gates, output) are made non-zero,
-    so that every path of the network actually carries information."""
-    torch.manual_seed(seed)
-    model = build_model(ModelConfig.preset(preset, vocab_size=vocab_size, seq_len=seq_len, **overrides))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if E2E in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +32,15 @@ def data(tmp_path_factory):
     build(out, None, BuildSettings(vocab_size=1024, seq_len=64, samples_per_shard=2048, val_fraction=0.02),
           progress=False, log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_data():
+    """A small data folder (vocabulary 400, blocks of 32 tokens, 160 train blocks): the pre-move
+    fixture's, read only; unit tests that need real shards but not the built-in corpus use it."""
+    from tests.helpers.legacy import LEGACY
+
+    return LEGACY / "data"
 
 
 @pytest.fixture

@@ -1,32 +1,7 @@
 """What runs inside a job of ``launcher/submit.py``: one task per rank, on SLURM or submitit's
 LocalExecutor. submitit pickles a :class:`JobTask`; every task unpickles it and calls it.
-
-Preemption and time limits, and why the requeue waits for the save
-------------------------------------------------------------------
-submitit's own USR2 handler (installed before the task starts) would, on global rank 0
-only, call ``checkpoint()`` and requeue the job at once, killing every rank mid-step: a
-DeepSpeed save is collective and cannot happen inside a signal handler on one rank. So:
-
-1. The training loop's ``StopFlag`` replaces that handler on every rank (SIGUSR2 and
-   SIGTERM: SLURM's ``--signal=USR2@delay`` warning, ``scancel --signal=USR2``, or the
-   LocalExecutor's signal). Every rank raises a flag; the flag is all-reduced at the next
-   step boundary; all ranks save one complete checkpoint; ``run()`` returns "preempted".
-2. Only then does :meth:`JobTask.__call__` hand over to submitit's requeue mechanics
-   (:class:`RequeueAfterSave`, a ``SignalHandler``): on rank 0 it decides time-out vs
-   preemption, decrements the time-out countdown (``--max-requeues``), calls
-   :meth:`JobTask.checkpoint` (a fresh submission: it saves nothing), writes the new job
-   pickle and requeues (``scontrol requeue``; exit code 144 under the LocalExecutor).
-   The other ranks return; SLURM stops the whole job step on the requeue.
-3. The requeued job starts the same task, which resumes with ``--resume auto`` from the
-   latest complete checkpoint in the same output folder, at whatever world size it got.
-
-A signal that arrives before the loop exists (during imports and setup) still reaches
-submitit's handler: rank 0 requeues at once, which loses no training since the last save.
-
-Time-out or preemption: submitit guesses from the elapsed time (a signal after
-min(0.8 x limit, limit - 10 min) is a time-out, so every signal of a job shorter than 50
-minutes counts as one). Here the scheduler's own time left decides: a time-out when at
-most ``signal_delay_s + 60`` seconds are left (SLURM may warn up to 60 s early).
+On preemption or before the time limit every rank saves first, then rank 0 requeues
+(:class:`RequeueAfterSave`); ``docs/cluster.md`` explains why and how.
 """
 from __future__ import annotations
 

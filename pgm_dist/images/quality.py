@@ -1,35 +1,17 @@
 """Sample quality for images: a digits classifier (class accuracy, diversity) and FID.
 
 Digits: a scikit-learn logistic regression on the training split of the digits shards
-(``pgm_dist.data.images.digits_split``), fit once and cached as an ``.npz`` of its
+(``pgm_dist.images.data.digits_split``), fit once and cached as an ``.npz`` of its
 coefficients (never a pickle) under a name keyed by a hash of the data and settings.
 
 FID: the Frechet distance between Gaussians fitted to features of real and generated
 images. The feature network is a TorchScript file (``load_feature_extractor``) mapping
 images ``float [N, 3, H, W]`` in [0, 1] to ``[N, D]``, since Inception weights cannot be
-downloaded here. To get the usual one (Inception-v3 pool3, 2048-d, the TF-ported FID
-weights), on a machine with internet run::
-
-    pip install pytorch-fid
-    python - <<'EOF'
-    import torch
-    from pytorch_fid.inception import InceptionV3
-
-    class Pool3(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            # resize to 299x299 and [0, 1] -> [-1, 1] inside, as pytorch-fid does
-            self.net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True,
-                                   normalize_input=True, use_fid_inception=True)
-
-        def forward(self, images):  # [N, 3, H, W] in [0, 1] -> [N, 2048]
-            return self.net(images)[0].flatten(1)
-
-    torch.jit.trace(Pool3().eval(), torch.rand(2, 3, 256, 256)).save("inception_pool3.pt")
-    EOF
-
-and pass ``inception_pool3.pt`` as the features file. FIDs are comparable with published
-numbers only with these weights and the reference set's statistics computed the same way.
+downloaded here. ``benchmarks/inception_features.py`` writes the usual one (Inception-v3
+pool3, 2048-d, the TF-ported FID weights, traced from pytorch-fid) as ``inception_pool3.pt``
+on a machine with internet; pass that file as the features file. FIDs are comparable with
+published numbers only with these weights and the reference set's statistics computed the
+same way.
 """
 from __future__ import annotations
 
@@ -44,7 +26,7 @@ import torch
 
 from pgm_dist.images.data import DIGITS_LEVELS, digits_split
 
-CLASSIFIER_C = 1.0  # scikit-learn's default L2 strength; the val accuracy is ~0.96 (tests/test_image_sampling.py)
+CLASSIFIER_C = 1.0  # scikit-learn's default L2 strength; the val accuracy is ~0.96 (tests/unit/images/test_image_sampling.py)
 CLASSIFIER_MAX_ITER = 5000
 FID_IMAGINARY_TOLERANCE = 1e-3  # of sqrtm's imaginary parts, relative to its largest real entry
 

@@ -1,0 +1,279 @@
+"""``launcher/submit.py`` end to end: real SLURM (a throw-away two-node cluster on this machine,
+tests/helpers/slurm_cluster.py) and submitit's LocalExecutor; CPU, gloo, pgm-tiny on the test corpus.
+
+The uninterrupted two-node run is the reference: a preempted run (SLURM or local, world size
+2 both) must log exactly its losses after the resume (fp32; the engine makes resume exact).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from submitit.core.utils import DelayedSubmission
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.helpers.slurm_cluster import SlurmCluster, missing
+from tests.helpers.training import REPO, module_weights, scalar_events, scalars
+
+STEPS = 30
+TRAIN = ["--max-steps", str(STEPS), "--global-batch", "8", "--micro-batch", "4", "--log-every", "1",
+         "--eval-every", "0", "--ckpt-every", "0", "--eval-batches", "1", "--sample-steps", "2", "--num-samples", "1"]
+CPU_NODES = ["--gpus-per-node", "0", "--tasks-per-node", "1", "--cpus-per-task", "1", "--signal-delay", "30"]
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    why = missing()
+    if why:
+        pytest.skip(why)
+    slurm = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield slurm
+    slurm.stop()
+
+
+def launch(args: list[str], cluster: SlurmCluster | None = None, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(cluster.env if cluster else {})}
+    return subprocess.Popen([sys.executable, "launcher/submit.py", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def submit(args: list[str], cluster: SlurmCluster) -> str:
+    out, err = launch(args, cluster).communicate(timeout=120)
+    match = re.search(r"submitted job (\d+):", out)
+    assert match, f"no job submitted:\n{out}\n{err}"
+    return match[1]
+
+
+def wait_for_step(tb: Path, step: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if tb.exists() and max(scalars(tb).get("train/loss", {0: 0}), default=0) >= step:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no train/loss at step {step} in {tb} after {timeout} s")
+
+
+def start_texts(tb: Path) -> list[str]:
+    acc = EventAccumulator(str(tb), size_guidance={"tensors": 0})
+    acc.Reload()
+    return [e.tensor_proto.string_val[0].decode() for e in acc.Tensors("run/start/text_summary")]
+
+
+def resumed_step(log: Path) -> int:
+    return int(re.search(r"resumed from \S+ at step (\d+)", log.read_text())[1])
+
+
+def assert_contiguous_run(tb: Path, max_steps: int = STEPS) -> dict:
+    """The loss was logged once at every step 1..max_steps across all (re)starts; returns the scalars."""
+    steps = [step for step, _ in scalar_events(tb)["train/loss"]]
+    assert sorted(steps) == list(range(1, max_steps + 1)), steps
+    values = scalars(tb)
+    assert all(math.isfinite(v) for v in values["train/loss"].values())
+    return values
+
+
+@pytest.fixture(scope="session")
+def reference(cluster, data, tmp_path_factory):
+    """An uninterrupted two-node job."""
+    job_dir = tmp_path_factory.mktemp("reference")
+    job = submit(["--nodes", "2", *CPU_NODES, "--time", "60", "--job-dir", str(job_dir), "--",
+                  "--data", str(data), *TRAIN], cluster)
+    assert cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300) == "COMPLETED"
+    return job, job_dir
+
+
+def test_two_node_job_trains_on_two_slurm_nodes(cluster, reference):
+    job, job_dir = reference
+    out = job_dir / "train"
+    values = assert_contiguous_run(out / "tb")
+    assert values["run/world_size"][STEPS] == 2 and values["run/nodes"][0] == 2 and values["run/restarts"][STEPS] == 0
+    assert (out / "checkpoints" / f"step_{STEPS:08d}" / "COMPLETE").exists()
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert cluster.job_field(job, "NodeList") == "n[1-2]" and cluster.job_field(job, "NumNodes") == "2"
+    for rank in (0, 1):  # each rank on its own SLURM node
+        log = (job_dir / "logs" / f"{job}_{rank}_log.out").read_text()
+        assert f"node={rank}(2), global_rank={rank}(2)" in log
+    assert start_texts(out / "tb") == [f"job {job} on n1,n2: world size 2, restart 0, step 0"]
+
+
+def test_distill_entry_runs_two_rounds_on_two_slurm_nodes(cluster, reference, data, tmp_path, capsys, monkeypatch):
+    """``--entry distill`` distils the reference run (the teacher) for two rounds of 2 steps; the
+    dry run prints the options every (re)start gets and submits nothing."""
+    distill = ["--teacher", str(reference[1] / "train"), "--data", str(data), "--start-steps", "8",
+               "--round-steps", "2", "--rounds", "2", "--min-steps", "2", "--global-batch", "4", "--micro-batch", "2",
+               "--log-every", "1", "--eval-every", "0", "--ckpt-every", "2", "--eval-batches", "1",
+               "--sample-steps", "2", "--num-samples", "1", "--eval-samples", "1", "--lr", "1e-2", "--warmup-steps", "0"]
+    args = ["--nodes", "2", *CPU_NODES, "--time", "60", "--job-dir", str(tmp_path), "--entry", "distill"]
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    before = cluster.job_ids()
+    assert _submit_main()([*args, "--dry-run", "--", *distill]) == 0
+    assert f"#   --no-progress {' '.join(distill)} --out {tmp_path / 'train'} --resume auto\n" in capsys.readouterr().out
+    assert cluster.job_ids() == before
+
+    job = submit([*args, "--", *distill], cluster)
+    assert cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300) == "COMPLETED"
+    out = tmp_path / "train"
+    values = scalars(out / "tb")
+    assert values["distill/round"] == {step: (step - 1) // 2 for step in range(1, 5)}
+    assert values["distill/sampling_steps"] == {1: 4, 2: 4, 3: 2, 4: 2}
+    assert values["run/world_size"][4] == 2
+    # The round-1 teacher, saved with the last checkpoint, is the student's raw weights at step 2.
+    boundary = module_weights(out / "checkpoints" / "step_00000002")
+    final = out / "checkpoints" / "step_00000004"
+    assert (final / "COMPLETE").exists()
+    teacher = load_file(str(final / "teacher.safetensors"))
+    assert teacher.keys() == boundary.keys()
+    for name, tensor in boundary.items():
+        torch.testing.assert_close(teacher[name], tensor.float(), atol=0, rtol=0)
+
+
+def test_preemption_saves_requeues_and_resumes_exactly(cluster, reference, data, tmp_path):
+    job = submit(["--nodes", "2", *CPU_NODES, "--time", "60", "--job-dir", str(tmp_path), "--",
+                  "--data", str(data), *TRAIN], cluster)
+    wait_for_step(tmp_path / "train" / "tb", 4)
+    cluster.run("scancel", "--signal=USR2", job)
+    assert cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300) == "COMPLETED"
+    assert cluster.job_field(job, "Restarts") == "1"
+    stopped = resumed_step(tmp_path / "logs" / f"{job}_0_log.out")
+    assert 4 <= stopped < STEPS
+    values = assert_contiguous_run(tmp_path / "train" / "tb")
+    assert values["run/restarts"][STEPS] == 1
+    assert values["train/loss"] == scalars(reference[1] / "train" / "tb")["train/loss"]
+    # A preemption does not use up a time-out requeue (--max-requeues, default 3).
+    assert DelayedSubmission.load(tmp_path / "logs" / f"{job}_submitted.pkl")._timeout_countdown == 3
+
+
+def test_time_limit_on_a_drained_node_requeues_and_finishes_on_one_node(cluster, data, tmp_path):
+    """``--nodes 1-2``: starts on both nodes; n2 is drained and the time limit runs out; the warning
+    signal saves, the job requeues (one time-out of --max-requeues 1) and finishes on n1 alone through
+    the universal checkpoint. SLURM checks time limits every 30 s, so a fast machine can finish a short
+    run before the warning: such a run proves nothing and is repeated with four times the steps."""
+    final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
+    for steps in (250, 1000, 4000):
+        job_dir = tmp_path / f"steps{steps}"
+        deadline = time.monotonic() + 60  # the previous job may still be completing on a node
+        while cluster.idle_nodes() != {"n1", "n2"} and time.monotonic() < deadline:
+            time.sleep(0.5)
+        job = submit(["--nodes", "1-2", *CPU_NODES, "--time", "10", "--max-requeues", "1", "--job-dir",
+                      str(job_dir), "--", "--data", str(data), *TRAIN, "--max-steps", str(steps)], cluster)
+        wait_for_step(job_dir / "train" / "tb", 3)
+        assert cluster.job_field(job, "NumNodes") == "2"
+        cluster.run("scontrol", "update", "nodename=n2", "state=drain", "reason=test")
+        try:
+            # The limit, counted from the job's start, now ends within a minute: SLURM's warning comes
+            # at its next time-limit check. The requeued job gets a long limit back.
+            cluster.run("scontrol", "update", f"jobid={job}", "timelimit=1")
+            deadline = time.monotonic() + 120
+            while (cluster.job_field(job, "Restarts") == "0" and cluster.job_field(job, "JobState") not in final
+                   and time.monotonic() < deadline):
+                time.sleep(0.5)
+            if cluster.job_field(job, "Restarts") == "0":  # no warning reached it: finished first, or a bug
+                assert cluster.job_field(job, "JobState") == "COMPLETED", cluster.job_field(job, "JobState")
+                continue
+            # While the requeue is in progress SLURM refuses updates of the job for a moment: retry.
+            deadline = time.monotonic() + 60
+            while cluster.run("scontrol", "update", f"jobid={job}", "timelimit=10", check=False).returncode:
+                assert time.monotonic() < deadline, cluster.job_field(job, "JobState")
+                time.sleep(0.5)
+            assert cluster.wait_job(job, final, timeout=600) == "COMPLETED"
+        finally:
+            cluster.run("scontrol", "update", "nodename=n2", "state=resume")
+        break
+    else:
+        pytest.fail("every run finished before SLURM's time-limit warning")
+    assert cluster.job_field(job, "Restarts") == "1" and cluster.job_field(job, "NodeList") == "n1"
+    stopped = resumed_step(job_dir / "logs" / f"{job}_0_log.out")
+    assert (job_dir / "train" / "checkpoints" / f"step_{stopped:08d}_universal" / "UNIVERSAL_COMPLETE").exists()
+    values = assert_contiguous_run(job_dir / "train" / "tb", steps)
+    assert values["run/world_size"][stopped - 1] == 2 and values["run/world_size"][steps] == 1
+    assert values["run/restarts"][steps] == 1 and values["run/nodes"][stopped] == 1
+    assert start_texts(job_dir / "train" / "tb") == [
+        f"job {job} on n1,n2: world size 2, restart 0, step 0", f"job {job} on n1: world size 1, restart 1, step {stopped}"]
+    assert (job_dir / "train" / "checkpoints" / f"step_{steps:08d}" / "COMPLETE").exists()
+    assert DelayedSubmission.load(job_dir / "logs" / f"{job}_submitted.pkl")._timeout_countdown == 0
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_local_job_preempted_requeues_and_resumes_exactly(reference, data, tmp_path):
+    """``--local``: two local processes; SIGUSR2 to both tasks (submitit's ``LocalJob._interrupt``
+    signals the controller, which does not handle it) saves, exits 144, and the LocalExecutor
+    restarts the tasks, which resume."""
+    proc = launch(["--local", "--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "10",
+                   "--signal-delay", "30", "--job-dir", str(tmp_path), "--", "--data", str(data), *TRAIN])
+    controller = int(re.search(r"submitted job (\d+):", proc.stdout.readline())[1])
+    wait_for_step(tmp_path / "train" / "tb", 4)
+    tasks = _children(controller)
+    assert len(tasks) == 2
+    for pid in tasks:
+        os.kill(pid, signal.SIGUSR2)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and f"job {controller}: finished" in out, out + err
+    stopped = resumed_step(tmp_path / "logs" / f"{controller}_0_log.out")
+    assert 4 <= stopped < STEPS
+    values = assert_contiguous_run(tmp_path / "train" / "tb")
+    assert values["run/restarts"][STEPS] == 1
+    assert values["train/loss"] == scalars(reference[1] / "train" / "tb")["train/loss"]
+
+
+def _submit_main():
+    spec = importlib.util.spec_from_file_location("submit_cli", REPO / "launcher" / "submit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+BAD_INPUTS = [
+    (["--nodes", "0"], "at least one node"),
+    (["--nodes", "5-2"], "the range is empty"),
+    (["--time", "ten"], "cannot read 'ten' as a SLURM time"),
+    (["--", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+    (["--", "--model", "pgm-huge"], "invalid choice: 'pgm-huge'"),
+    (["--", "--data", "/no/such/folder"], "data folder /no/such/folder does not exist"),
+    (["--nodes", "2-3", "--", "--global-batch", "8", "--micro-batch", "4"], "allows world sizes 1, 2; the job may get 2, 3"),
+    (["--", "--out", "elsewhere"], "the launcher sets --out"),
+    (["--entry", "distill", "--", "--teacher", "/nonexistent"], "--teacher: /nonexistent is neither an export"),
+    (["--entry", "distill", "--", "--out", "runs/default"], "the launcher sets --out"),  # not distill's default
+]
+
+
+def test_bad_inputs_error_before_submitting(cluster, data, tmp_path, capsys, monkeypatch):
+    main = _submit_main()
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    before = cluster.job_ids()
+    for args, message in BAD_INPUTS:
+        argv = [*args[:args.index("--")]] if "--" in args else list(args)
+        train = args[args.index("--") + 1:] if "--" in args else []
+        full = [*argv, *CPU_NODES, "--job-dir", str(tmp_path), "--", *(["--data", str(data)] if "--data" not in train
+                                                                        else []), *train]
+        try:
+            code = main(full)
+        except SystemExit as exit:
+            code = exit.code
+        assert code == 2, args
+        assert message in capsys.readouterr().err, args
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no sbatch: a clear error that suggests --local
+    assert main([*CPU_NODES, "--job-dir", str(tmp_path), "--", "--data", str(data)]) == 2
+    assert "sbatch/srun not found" in capsys.readouterr().err
+    assert cluster.job_ids() == before

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pgm_dist.common.cli import HelpFormatter, run_cli
+from pgm_dist.models import build_model, count_parameters
 from pgm_dist.models.config import IMAGE_PRESETS, PRESETS, ModelConfig
 
 # The paper's OpenWebText setting (GPT-2 tokenizer, 1024 tokens); the vocabulary moves the counts.
@@ -33,8 +34,6 @@ class ParamCount:
 
 
 def preset_parameters(config: ModelConfig) -> ParamCount:
-    from pgm_dist.models import build_model, count_parameters
-
     with torch.device("meta"):
         model = build_model(config)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())

@@ -12,7 +12,9 @@ import time
 
 import torch
 
+from pgm_dist.checkpoints.load import image_decoder_path, load_model
 from pgm_dist.common.cli import HelpFormatter, default_device, run_cli
+from pgm_dist.images.pictures import pixel_decoder, sample_pictures, save_grid
 from pgm_dist.sampling import generate
 
 
@@ -41,9 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sample_images(loaded, args) -> str:
-    from pgm_dist.checkpoints.load import image_decoder_path
-    from pgm_dist.images.pictures import pixel_decoder, sample_pictures, save_grid
-
     config = loaded.config
     classes = args.classes if args.classes is not None else list(range(min(10, config.num_classes)))
     bad = [c for c in classes if not 0 <= c <= config.num_classes]
@@ -69,8 +68,6 @@ def main(argv=None) -> int:
 
 
 def sample(args: argparse.Namespace) -> None:
-    from pgm_dist.checkpoints.load import load_model
-
     loaded = load_model(args.model, args.device)
     if loaded.config.image_grid is not None:
         print(sample_images(loaded, args))

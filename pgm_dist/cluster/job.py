@@ -16,6 +16,13 @@ import submitit
 from submitit.core.job_environment import SignalHandler
 from submitit.core.utils import DelayedSubmission
 
+from pgm_dist.distillation.config import parse_distill_config
+from pgm_dist.distillation.task import prepare_distillation
+from pgm_dist.distillation.teacher import find_teacher
+from pgm_dist.training.config import parse_train_config
+from pgm_dist.training.session import run
+from pgm_dist.training.setup import check_before_launch, prepare_process
+
 SLURM_EARLY_WARNING_S = 60
 
 
@@ -30,12 +37,6 @@ class Entry:
 
 def entries() -> dict[str, Entry]:
     """``--entry`` name -> Entry: ``train`` (``pgm_dist/train.py``), ``distill`` (``pgm_dist/distill.py``)."""
-    from pgm_dist.distillation.config import parse_distill_config
-    from pgm_dist.distillation.task import prepare_distillation
-    from pgm_dist.distillation.teacher import find_teacher
-    from pgm_dist.training.config import parse_train_config
-    from pgm_dist.training.session import run
-    from pgm_dist.training.setup import check_before_launch, prepare_process
 
     def check_distillation(cfg, world_sizes: list[int], device) -> None:
         find_teacher(cfg.teacher)  # the rest of the teacher's checks need its data, read in the job

@@ -26,6 +26,7 @@ from pgm_dist.common.seeding import sample_seed
 from pgm_dist.distillation.config import DistillConfig
 from pgm_dist.distillation.objective import SDTTObjective
 from pgm_dist.distillation.teacher import find_teacher, initial_weights
+from pgm_dist.evaluation.gen_ppl import sample_quality
 from pgm_dist.models.config import ModelConfig
 from pgm_dist.training.components import Task
 from pgm_dist.training.setup import Setup, prepare
@@ -104,7 +105,6 @@ class DistillTask(Task):
         """Rank 0 (every rank under ZeRO-3, with the same generator): sample with the EMA weights at the
         round's step count; rank 0 logs speed, unigram entropy and (with ``--eval-model``) generative
         perplexity."""
-        from pgm_dist.evaluation.gen_ppl import sample_quality
 
         engine, state = loop.p.engine, loop.state
         steps = engine.objective.sampling_steps(round_index)

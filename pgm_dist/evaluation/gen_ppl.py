@@ -14,6 +14,7 @@ from torch import Tensor
 
 from pgm_dist.common.errors import ConfigError
 from pgm_dist.evaluation.nelbo import perplexity
+from pgm_dist.sampling import generate
 
 
 @dataclass
@@ -93,7 +94,6 @@ def sample_quality(model, num: int, steps: int, generator: torch.Generator, deco
     """Sample ``num`` sequences in ``steps`` steps (``pgm_dist.sampling.generate``); returns
     ({sampling_steps, sampling_tokens_per_s, entropy[, gen_ppl with an evaluator]}, texts).
     decode: token ids (list) -> text."""
-    from pgm_dist.sampling import generate
 
     device = next(model.parameters()).device
     start = time.perf_counter()

@@ -45,6 +45,7 @@ from pgm_dist.data.shards import (
     token_dtype,
     write_shard,
 )
+from pgm_dist.images.vq import VQConfig, load_vq
 
 if TYPE_CHECKING:
     from pgm_dist.images.vq import VQConfig, VQModel
@@ -192,7 +193,6 @@ def vq_source(input_dir: Path, vq_path: Path, vq_config: "VQConfig | None", imag
               device: str, progress: Callable[[int], None]) -> ImageSource:
     """An ImageFolder tokenized by the VQ model at ``vq_path``; pictures are read and encoded
     lazily, ``batch_size`` at a time, when the samples are written."""
-    from pgm_dist.images.vq import load_vq
 
     listing = list_image_folder(input_dir)
     if batch_size < 1 or image_size < 1:
@@ -280,7 +280,6 @@ def build_vq(out: Path, input_dir: Path, vq_path: Path, vq_config: "VQConfig | N
 
 def vq_config(text: str | None) -> "VQConfig | None":
     """``--vq-config``: a JSON object of VQ config fields (or a .json file of one) over the VQ-16 defaults."""
-    from pgm_dist.images.vq import VQConfig
 
     if text is None:
         return None

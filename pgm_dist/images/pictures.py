@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from pgm_dist.images.data import DIGITS_LEVELS
+from pgm_dist.images.sampling import sample_image_pgm
+from pgm_dist.images.vq import load_vq
 
 GAP_VALUE = 255  # white lines between the cells (digits are light strokes on black)
 
@@ -66,7 +68,6 @@ def pixel_decoder(vq_path: str | Path | None) -> Callable[[torch.Tensor], np.nda
     themselves for the digits (``vq_path`` None), else the VQ decoder of an image folder."""
     if vq_path is None:
         return lambda codes: digits_pixels(codes.cpu().numpy())
-    from pgm_dist.images.vq import load_vq
 
     vq = load_vq(vq_path).eval()
 
@@ -82,7 +83,6 @@ def sample_pictures(model, classes: Sequence[int], per_class: int, steps: int,
     """``per_class`` samples of each class (one row per class) through the efficient Halton
     sampler (``sampler``: cfg, cfg_ramp, temperature, order, generator) and ``decode``:
     pixels ``[len(classes), per_class, H, W, C]`` in [0, 1], for :func:`grid_array` / :func:`save_grid`."""
-    from pgm_dist.images.sampling import sample_image_pgm
 
     h, w = model.config.image_grid
     labels = torch.tensor(list(classes), dtype=torch.long).repeat_interleave(per_class)

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from pgm_dist.images.data import DIGITS_LEVELS, digits_split
+from pgm_dist.images.pictures import digits_pixels
+from pgm_dist.images.sampling import sample_image_pgm
 
 CLASSIFIER_C = 1.0  # scikit-learn's default L2 strength; the val accuracy is ~0.96 (tests/unit/images/test_image_sampling.py)
 CLASSIFIER_MAX_ITER = 5000
@@ -194,8 +196,6 @@ def digits_quality(model, classifier: DigitsClassifier, steps: Iterable[int], cf
     """Class accuracy and within-class diversity of ``per_class`` samples of each digit, for
     each (steps, cfg): ``[{"steps", "cfg", "accuracy", "diversity"}]``. The same seed for every
     setting, so the rows differ only by the setting."""
-    from pgm_dist.images.pictures import digits_pixels
-    from pgm_dist.images.sampling import sample_image_pgm
 
     classes = model.config.num_classes
     labels = torch.arange(classes).repeat_interleave(per_class)

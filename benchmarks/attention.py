@@ -18,9 +18,9 @@ magnitude of that tensor. ``reference`` in ``--dtype`` is the baseline (SDPA's o
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import timed  # benchmarks/timing.py (this script's folder is on sys.path)
 
 from pgm_dist.attention.interface import AttentionMask, attend
 
@@ -59,14 +59,7 @@ def time_backend(backend, q, k, v, mask, grad_out, repeats, device) -> float:
 
     call()  # warm-up (and compilation)
     call()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        call()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats * 1e3
+    return timed(call, device, repeats) * 1e3
 
 
 def forward_backward(backend, q, k, v, mask, grad_out, dtype) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from sampling import _time  # benchmarks/sampling.py (this script's folder is on sys.path)
+from timing import timed  # benchmarks/timing.py (this script's folder is on sys.path)
 
 from pgm_dist.common.cli import default_device
 from pgm_dist.images.sampling import sample_image_mdlm, sample_image_pgm
@@ -70,7 +70,7 @@ def speed_rows(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
                 sampler(model, labels, steps, grid=(side, side), cfg=args.cfg, generator=generator)
 
             run(steps=2)  # warm-up
-            seconds = min(_time(run, device) for _ in range(args.repeats))
+            seconds = min(timed(run, device) for _ in range(args.repeats))
             images_per_s = args.batch / seconds
             baseline = baseline or images_per_s
             rows.append(dict(grid=f"{side}x{side}", sampler=name, params_m=count_parameters(model) / 1e6,

@@ -8,9 +8,9 @@ warm-up) and the ratio. The paper reports 5.3x on a GPU at batch 32, L 1024,
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import timed  # benchmarks/timing.py (this script's folder is on sys.path)
 
 from pgm_dist.common.cli import default_device
 from pgm_dist.models import build_model, count_parameters
@@ -35,16 +35,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _time(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -61,7 +51,7 @@ def main(argv=None) -> list[dict]:
             sampler(model, args.batch, steps, generator=generator)
 
         run(steps=2)  # warm-up
-        seconds = min(_time(run, device) for _ in range(args.repeats))
+        seconds = min(timed(run, device) for _ in range(args.repeats))
         rows.append(dict(model=name, preset=preset, params_m=count_parameters(model) / 1e6, seconds=seconds,
                          tokens_per_s=args.batch * args.seq_len / seconds))
     baseline = rows[0]["tokens_per_s"]

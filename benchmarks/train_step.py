@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import sync, timed  # benchmarks/timing.py (this script's folder is on sys.path)
 
 from pgm_dist.attention.interface import available_backends
 from pgm_dist.common.distributed import dist_env, release_shared_memory
@@ -70,20 +71,10 @@ def parse_args(argv=None):
     return args
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def matmul_rate(device, dtype, n=2048 if torch.cuda.is_available() else 1024, reps=5) -> float:
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+    return 2 * n**3 / timed(lambda: a @ b, device, reps)
 
 
 def _rss_bytes() -> int:
@@ -149,13 +140,13 @@ def step_rate(engine: str, preset: str, backend: str, loss_chunk: int, checkpoin
         model, step = plain_step(model, config, args, device, dtype)
     for i in range(2):
         step(i)
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for i in range(2, 2 + args.steps):
         step(i)
-    _sync(device)
+    sync(device)
     tokens_per_s = args.steps * args.batch * args.seq_len / (time.perf_counter() - start)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)

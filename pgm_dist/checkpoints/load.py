@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from pgm_dist.checkpoints.format import EMA_FILE, MARKER, STATE_FILE, complete_checkpoints
+from pgm_dist.checkpoints.format import EMA_FILE, MARKER, complete_checkpoints, read_state
 from pgm_dist.data.default import DEFAULT_DATA
 from pgm_dist.data.shards import TOKENIZER_FILE, VQ_FILE
 from pgm_dist.data.tokenizer import Tokenizer
@@ -50,14 +50,20 @@ def training_data_folder(info: dict) -> Path | None:
     return Path(info["data"]) if info.get("data") else None
 
 
+def is_export(source: Path) -> bool:
+    return (source / EXPORT_WEIGHTS).is_file()
+
+
+def read_info(source: Path) -> dict:
+    """What a model folder says of itself: an export's ``config.json`` or a checkpoint's
+    ``pgm_state.json`` (both hold ``model_config`` and ``tokenizer_sha256``)."""
+    return json.loads((source / EXPORT_CONFIG).read_text()) if is_export(source) else read_state(source)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", attention: str | None = None) -> LoadedModel:
     source = resolve_model_dir(path)
-    if (source / EXPORT_WEIGHTS).is_file():
-        info = json.loads((source / EXPORT_CONFIG).read_text())
-        weights = load_file(str(source / EXPORT_WEIGHTS))
-    else:
-        info = json.loads((source / STATE_FILE).read_text())
-        weights = load_file(str(source / EMA_FILE))
+    info = read_info(source)
+    weights = load_file(str(source / (EXPORT_WEIGHTS if is_export(source) else EMA_FILE)))
     config = ModelConfig.from_dict(info["model_config"])
     if attention is not None:
         config.attention = attention

@@ -1,15 +1,14 @@
 """The model distillation starts from: a checkpoint, a run folder or an export, and its weights."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from pgm_dist.checkpoints.format import EMA_FILE, STATE_FILE
-from pgm_dist.checkpoints.load import EXPORT_CONFIG, EXPORT_WEIGHTS, resolve_model_dir
+from pgm_dist.checkpoints.format import EMA_FILE
+from pgm_dist.checkpoints.load import EXPORT_WEIGHTS, is_export, read_info, resolve_model_dir
 from pgm_dist.common.errors import ConfigError
 from pgm_dist.distillation.config import DEFAULT_TEACHER
 
@@ -21,7 +20,7 @@ class Teacher:
 
     @property
     def is_export(self) -> bool:
-        return (self.source / EXPORT_WEIGHTS).is_file()
+        return is_export(self.source)
 
 
 def find_teacher(path: str | None) -> Teacher:
@@ -34,8 +33,7 @@ def find_teacher(path: str | None) -> Teacher:
                               "first with `deepspeed pgm_dist/train.py --ds_config ds_configs/zero2.json`, "
                               "or pass --teacher PATH") from None
         raise ConfigError(f"--teacher: {err}") from None
-    info_file = source / (EXPORT_CONFIG if (source / EXPORT_WEIGHTS).is_file() else STATE_FILE)
-    return Teacher(source, json.loads(info_file.read_text()))
+    return Teacher(source, read_info(source))
 
 
 def initial_weights(teacher: Teacher, init_from: str) -> dict[str, torch.Tensor]:

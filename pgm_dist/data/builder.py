@@ -31,10 +31,9 @@ from pgm_dist.data.shards import (
     META_FILE,
     TOKENIZER_FILE,
     DatasetMeta,
-    SplitInfo,
+    ShardWriter,
     reuse_or_reset,
     token_dtype,
-    write_shard,
 )
 from pgm_dist.data.tokenizer import SPECIAL_IDS, Tokenizer, train_tokenizer
 
@@ -43,6 +42,17 @@ DOCS_PER_TASK = 64
 TASKS_PER_ROUND = 64  # bounds the documents held in memory
 DEFAULT_SAMPLES_PER_SHARD = 1024
 AUTO_MIN_TRAIN_SHARDS = 64  # what the automatic shard size aims for (ranks x loader workers a corpus feeds)
+
+
+def samples_per_shard_for(n_train: int, requested: int | None, unit: str = "samples") -> tuple[int, str]:
+    """Every builder's shard size and why: the request, else the default, else ``n_train // 64``
+    for a set too small to fill 64 default shards (so that it still splits over ranks x workers)."""
+    if requested:
+        return requested, "--samples-per-shard"
+    if n_train >= AUTO_MIN_TRAIN_SHARDS * DEFAULT_SAMPLES_PER_SHARD:
+        return DEFAULT_SAMPLES_PER_SHARD, "default"
+    return max(1, n_train // AUTO_MIN_TRAIN_SHARDS), (
+        f"automatic: {n_train} train {unit}, fewer than {AUTO_MIN_TRAIN_SHARDS} shards of {DEFAULT_SAMPLES_PER_SHARD}")
 
 
 @dataclass
@@ -104,46 +114,6 @@ class BlockPacker:
             yield np.concatenate([[self.bos], chunk, [self.eos]]).astype(self.dtype)
         rest = stream[n_blocks * self.body:]
         self.pending, self.pending_len = [rest], len(rest)
-
-
-class ShardSink:
-    """Collects blocks of one split and writes ``{split}-{index:06d}.tar`` shards; with
-    ``per_shard=None`` it holds every block until :meth:`set_shard_size`."""
-
-    def __init__(self, out: Path, split: str, per_shard: int | None):
-        self.out, self.split, self.per_shard = out, split, per_shard
-        self.blocks: list[np.ndarray] = []
-        self.info = SplitInfo()
-
-    def add(self, block: np.ndarray) -> None:
-        self.blocks.append(block)
-        if len(self.blocks) == self.per_shard:
-            self._flush(self.per_shard)
-
-    def set_shard_size(self, per_shard: int) -> None:
-        self.per_shard = per_shard
-        while len(self.blocks) >= per_shard:
-            self._flush(per_shard)
-
-    def _flush(self, count: int) -> None:
-        """Write the first ``count`` held blocks as the next shard."""
-        blocks, self.blocks = self.blocks[:count], self.blocks[count:]
-        first = self.info.samples
-        path = self.out / f"{self.split}-{self.info.shards:06d}.tar"
-        write_shard(path, ((f"{self.split}-{first + i:09d}", b) for i, b in enumerate(blocks)))
-        self.info.shards += 1
-        self.info.samples += len(blocks)
-        self.info.tokens += sum(len(b) for b in blocks)
-
-    def close(self, keep_partial: bool) -> int:
-        """Write or drop the last incomplete shard; returns the number of dropped blocks."""
-        dropped = 0
-        if self.blocks and keep_partial:
-            self._flush(len(self.blocks))
-        else:
-            dropped = len(self.blocks)
-        self.blocks = []
-        return dropped
 
 
 _worker_tokenizer: Tokenizer | None = None
@@ -221,7 +191,7 @@ def build(out: Path, inputs: list[Path] | None = None, settings: BuildSettings |
     tokenizer = _prepare_tokenizer(out, files, settings, tokenizer_fingerprint, log)
     dtype = token_dtype(tokenizer.vocab_size)
     packers = {s: BlockPacker(settings.seq_len, tokenizer.bos_id, tokenizer.eos_id, dtype) for s in ("train", "val")}
-    sinks = {s: ShardSink(out, s, settings.samples_per_shard) for s in ("train", "val")}
+    sinks = {s: ShardWriter(out, s, settings.samples_per_shard) for s in ("train", "val")}
     # Automatic size: hold the blocks until the corpus proves big enough for the default size
     # (at most AUTO_MIN_TRAIN_SHARDS default shards in memory) or ends (then a smaller size).
     auto_until = None if settings.samples_per_shard else AUTO_MIN_TRAIN_SHARDS * DEFAULT_SAMPLES_PER_SHARD
@@ -236,7 +206,7 @@ def build(out: Path, inputs: list[Path] | None = None, settings: BuildSettings |
                 sinks[split].info.documents += 1
                 for block in packers[split].add(np.asarray(ids, dtype=np.int64)):
                     sinks[split].add(block)
-                if auto_until is not None and len(sinks["train"].blocks) >= auto_until:
+                if auto_until is not None and len(sinks["train"].pending) >= auto_until:
                     auto_until = None
                     for sink in sinks.values():
                         sink.set_shard_size(DEFAULT_SAMPLES_PER_SHARD)
@@ -247,15 +217,9 @@ def build(out: Path, inputs: list[Path] | None = None, settings: BuildSettings |
         if pool is not None:
             pool.close()
             pool.join()
-    if settings.samples_per_shard:
-        per_shard, reason = settings.samples_per_shard, "--samples-per-shard"
-    elif auto_until is None:
-        per_shard, reason = DEFAULT_SAMPLES_PER_SHARD, "default"
-    else:
-        blocks = len(sinks["train"].blocks)
-        per_shard = max(1, blocks // AUTO_MIN_TRAIN_SHARDS)
-        reason = (f"automatic: the corpus gives {blocks} train blocks, fewer than {AUTO_MIN_TRAIN_SHARDS} "
-                  f"shards of {DEFAULT_SAMPLES_PER_SHARD}")
+    train_blocks = sinks["train"].info.samples + len(sinks["train"].pending)
+    per_shard, reason = samples_per_shard_for(train_blocks, settings.samples_per_shard, "blocks")
+    if reason.startswith("automatic"):
         log(f"{reason}; writing shards of {per_shard} blocks instead")
         for sink in sinks.values():
             sink.set_shard_size(per_shard)

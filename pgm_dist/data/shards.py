@@ -235,3 +235,45 @@ class DataFolder:
     @property
     def val_sources(self) -> str:
         return str(self.path / "val-*.tar")
+
+
+class ShardWriter:
+    """The one shard writer of every builder: collects the samples of one split and writes
+    ``{split}-{index:06d}.tar`` shards of ``per_shard`` samples; with ``per_shard=None`` it holds
+    every sample until :meth:`set_shard_size`. A sample is a token array (keyed
+    ``{split}-{n:09d}`` by its index in the split) or ``(key, tokens[, label])``."""
+
+    def __init__(self, out: Path, split: str, per_shard: int | None):
+        self.out, self.split, self.per_shard = out, split, per_shard
+        self.pending: list[tuple] = []
+        self.info = SplitInfo()
+
+    def add(self, sample) -> None:
+        if not isinstance(sample, tuple):
+            sample = (f"{self.split}-{self.info.samples + len(self.pending):09d}", sample)
+        self.pending.append(sample)
+        if len(self.pending) == self.per_shard:
+            self._flush(self.per_shard)
+
+    def set_shard_size(self, per_shard: int) -> None:
+        self.per_shard = per_shard
+        while len(self.pending) >= per_shard:
+            self._flush(per_shard)
+
+    def _flush(self, count: int) -> None:
+        """Write the first ``count`` held samples as the next shard."""
+        samples, self.pending = self.pending[:count], self.pending[count:]
+        write_shard(self.out / f"{self.split}-{self.info.shards:06d}.tar", samples)
+        self.info.shards += 1
+        self.info.samples += len(samples)
+        self.info.tokens += sum(len(sample[1]) for sample in samples)
+
+    def close(self, keep_partial: bool) -> int:
+        """Write or drop the last incomplete shard; returns the number of dropped samples."""
+        dropped = 0
+        if self.pending and keep_partial:
+            self._flush(len(self.pending))
+        else:
+            dropped = len(self.pending)
+        self.pending = []
+        return dropped

@@ -33,17 +33,17 @@ from tqdm import tqdm
 from pgm_dist.common.cli import HelpFormatter, default_device
 from pgm_dist.common.errors import DataError
 from pgm_dist.common.files import file_sha256, write_json_atomic
-from pgm_dist.data.builder import AUTO_MIN_TRAIN_SHARDS, DEFAULT_SAMPLES_PER_SHARD
+from pgm_dist.data.builder import samples_per_shard_for
 from pgm_dist.data.documents import files_fingerprint
 from pgm_dist.data.shards import (
     BUILDER_VERSION,
     META_FILE,
     VQ_FILE,
     DatasetMeta,
+    ShardWriter,
     SplitInfo,
     reuse_or_reset,
     token_dtype,
-    write_shard,
 )
 from pgm_dist.images.vq import VQConfig, load_vq
 
@@ -126,40 +126,6 @@ def load_picture(path: Path, size: int) -> torch.Tensor:
     return pixels.permute(2, 0, 1) / 127.5 - 1.0
 
 
-def samples_per_shard_for(n_train: int, requested: int | None) -> tuple[int, str]:
-    """The text builder's rule: the request, else 1024, else ``n_train // 64`` for a small set."""
-    if requested:
-        return requested, "--samples-per-shard"
-    if n_train >= AUTO_MIN_TRAIN_SHARDS * DEFAULT_SAMPLES_PER_SHARD:
-        return DEFAULT_SAMPLES_PER_SHARD, "default"
-    return max(1, n_train // AUTO_MIN_TRAIN_SHARDS), (
-        f"automatic: {n_train} train pictures, fewer than {AUTO_MIN_TRAIN_SHARDS} shards of "
-        f"{DEFAULT_SAMPLES_PER_SHARD}")
-
-
-def write_split(out: Path, split: str, samples: Iterable[Sample], per_shard: int, keep_partial: bool,
-                ) -> tuple[SplitInfo, int]:
-    """Write ``{split}-{index:06d}.tar`` shards of ``per_shard`` samples; returns (info, dropped)."""
-    info, pending = SplitInfo(), []
-
-    def flush() -> None:
-        write_shard(out / f"{split}-{info.shards:06d}.tar", pending)
-        info.shards += 1
-        info.samples += len(pending)
-        info.documents += len(pending)
-        info.tokens += sum(len(tokens) for _, tokens, _ in pending)
-
-    for sample in samples:
-        pending.append(sample)
-        if len(pending) == per_shard:
-            flush()
-            pending = []
-    if pending and keep_partial:
-        flush()
-        pending = []
-    return info, len(pending)
-
-
 @dataclass(frozen=True)
 class ImageSource:
     """What the builder needs of a source: how many pictures, and their samples in a given order."""
@@ -220,6 +186,17 @@ def vq_source(input_dir: Path, vq_path: Path, vq_config: "VQConfig | None", imag
         identity=[files_fingerprint(listing.files), weights, image_size], vq_model=model)
 
 
+def write_split(out: Path, split: str, samples: Iterable[Sample], per_shard: int, keep_partial: bool,
+                ) -> tuple[SplitInfo, int]:
+    """One split's pictures through the one shard writer; returns (info, dropped). Each picture is a document."""
+    writer = ShardWriter(out, split, per_shard)
+    for sample in samples:
+        writer.add(sample)
+    dropped = writer.close(keep_partial)
+    writer.info.documents = writer.info.samples
+    return writer.info, dropped
+
+
 def build_images(out: Path, source: ImageSource, samples_per_shard: int | None = None, *, log=print) -> DatasetMeta:
     """Write (or reuse) an image data folder from ``source``; returns its metadata."""
     out = Path(out)
@@ -237,7 +214,7 @@ def build_images(out: Path, source: ImageSource, samples_per_shard: int | None =
 
         save_vq(source.vq_model, out / VQ_FILE)
 
-    per_shard, reason = samples_per_shard_for(len(train), samples_per_shard)
+    per_shard, reason = samples_per_shard_for(len(train), samples_per_shard, "pictures")
     order = train[np.random.default_rng(ORDER_SEED).permutation(len(train))]
     train_info, dropped = write_split(out, "train", source.samples(order), per_shard, keep_partial=False)
     val_info, _ = write_split(out, "val", source.samples(val), per_shard, keep_partial=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pgm_dist.common.errors import DataError
-from pgm_dist.data import builder
+from pgm_dist.data import builder, shards
 from pgm_dist.data.__main__ import main as data_cli
 from pgm_dist.data.builder import BuildSettings, build
 from pgm_dist.data.documents import default_corpus_paths, list_files, read_documents
@@ -121,7 +121,7 @@ def test_interrupted_build_is_never_finished_and_a_rerun_equals_a_clean_build(bu
                              tokenizer=tmp / "out" / "tokenizer.model")
     clean = build(tmp_path / "clean", [tmp / "docs"], settings, progress=False, log=lambda *_: None)
     assert clean.train.shards > 3
-    real_write_shard = builder.write_shard
+    real_write_shard = shards.write_shard
 
     def crash_after_two_shards(path, samples):
         """The third shard dies half-written (``write_shard`` names a partial shard ``.tmp``)."""
@@ -131,7 +131,7 @@ def test_interrupted_build_is_never_finished_and_a_rerun_equals_a_clean_build(bu
         return real_write_shard(path, samples)
 
     out = tmp_path / "interrupted"
-    monkeypatch.setattr(builder, "write_shard", crash_after_two_shards)
+    monkeypatch.setattr(shards, "write_shard", crash_after_two_shards)  # the one shard writer's
     with pytest.raises(OSError, match="No space left"):
         build(out, [tmp / "docs"], settings, progress=False, log=lambda *_: None)
     monkeypatch.undo()

@@ -92,6 +92,8 @@ class TrainingLoop:
         self.telemetry = GpuTelemetry.for_device(device)
         self.stop = StopFlag()
         self.last_texts: list[str] = []
+        self._last_saved: int | None = None  # the step of the last checkpoint this process wrote or loaded
+        self._consecutive_bad = 0  # non-finite steps in a row
 
     # -- checkpoint state ----------------------------------------------------------------
     def client_state(self) -> tuple[dict, dict[str, dict]]:
@@ -139,60 +141,82 @@ class TrainingLoop:
         batches = iter(self.p.train_loader)
         bar = tqdm(total=cfg.max_steps, initial=state.step, unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and self.env.is_main))
-        # "applied" steps carry the mean loss; every step (a skipped non-finite one took time too) counts
-        # for throughput. A run resumed off a multiple of log_every starts with a shorter window.
-        window = {"loss": torch.zeros((), device=engine.device), "applied": 0, "steps": 0, "wait": 0.0,
-                  "start": time.perf_counter()}
+        window = self._new_window()
         # A resumed run starts at the step of the checkpoint it loaded: never save that step again.
-        consecutive_bad, last_saved, status = 0, state.step or None, "finished"
+        self._last_saved, self._consecutive_bad = state.step or None, 0
         try:
             while state.step < cfg.max_steps:
                 result = engine.train_step(batches, state.step)
-                state.step += 1
-                state.samples_seen += engine.global_batch
-                state.tokens_seen += self.tokens_per_step
-                window["steps"] += 1
-                if self.p.on_step is not None:
-                    self.p.on_step(state.step)
-                if result.applied:
-                    consecutive_bad = 0
-                    window["loss"] += result.loss
-                    window["applied"] += 1
-                else:
-                    consecutive_bad += 1
-                    state.nonfinite_steps += 1
-                    if consecutive_bad >= cfg.max_nonfinite:
-                        raise NonFiniteError(
-                            f"{consecutive_bad} consecutive steps with a non-finite loss or gradient norm "
-                            f"(up to step {state.step}); stopping. The last complete checkpoint is intact: "
-                            "lower --lr, check the data, or resume with another --seed")
-                window["wait"] += result.data_wait_s
+                self._count(result, window)
                 bar.update(1)
-                if state.step % cfg.log_every == 0:
-                    self._log(window, result, bar)
-                if cfg.eval_every and state.step % cfg.eval_every == 0:
-                    self._evaluate()
-                if cfg.sample_every and state.step % cfg.sample_every == 0:
-                    self._sample()
-                flags = torch.tensor([float(self.p.checkpointer.due_by_time()), float(self.stop.raised)],
-                                     device=engine.device)
-                all_reduce(flags, "max")
-                if self.p.checkpointer.due_by_steps(state.step) or flags[0] > 0 or flags[1] > 0:
-                    self.save()
-                    last_saved = state.step
-                if flags[1] > 0:
-                    status = "preempted"
-                    break
-            if status == "finished":
-                if not cfg.eval_every or state.step % cfg.eval_every:
-                    self._evaluate()
-                if not cfg.sample_every or state.step % cfg.sample_every:
-                    self._sample()
-                if last_saved != state.step:
-                    self.save()
+                self._periodic(result, window, bar)
+                if self._save_if_due():
+                    return "preempted"
+            self._finish()
         finally:
             bar.close()
-        return status
+        return "finished"
+
+    def _new_window(self) -> dict:
+        """What the next TensorBoard point averages: "applied" steps carry the mean loss; every step
+        (a skipped non-finite one took time too) counts for throughput. A run resumed off a
+        multiple of log_every starts with a shorter window."""
+        return {"loss": torch.zeros((), device=self.p.engine.device), "applied": 0, "steps": 0, "wait": 0.0,
+                "start": time.perf_counter()}
+
+    def _count(self, result, window: dict) -> None:
+        """One optimizer step done: the counters, the window, the step hook, the non-finite guard."""
+        state = self.state
+        state.step += 1
+        state.samples_seen += self.p.engine.global_batch
+        state.tokens_seen += self.tokens_per_step
+        window["steps"] += 1
+        window["wait"] += result.data_wait_s
+        if self.p.on_step is not None:
+            self.p.on_step(state.step)
+        if result.applied:
+            self._consecutive_bad = 0
+            window["loss"] += result.loss
+            window["applied"] += 1
+            return
+        self._consecutive_bad += 1
+        state.nonfinite_steps += 1
+        if self._consecutive_bad >= self.cfg.max_nonfinite:
+            raise NonFiniteError(
+                f"{self._consecutive_bad} consecutive steps with a non-finite loss or gradient norm "
+                f"(up to step {state.step}); stopping. The last complete checkpoint is intact: "
+                "lower --lr, check the data, or resume with another --seed")
+
+    def _periodic(self, result, window: dict, bar) -> None:
+        """TensorBoard scalars, validation and samples, each when its interval comes."""
+        cfg, step = self.cfg, self.state.step
+        if step % cfg.log_every == 0:
+            self._log(window, result, bar)
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            self._evaluate()
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            self._sample()
+
+    def _save_if_due(self) -> bool:
+        """Save when the step or time interval comes or any rank was asked to stop (one all-reduce
+        decides for every rank); True when the run must stop (preempted) after that save."""
+        flags = torch.tensor([float(self.p.checkpointer.due_by_time()), float(self.stop.raised)],
+                             device=self.p.engine.device)
+        all_reduce(flags, "max")
+        if self.p.checkpointer.due_by_steps(self.state.step) or flags[0] > 0 or flags[1] > 0:
+            self.save()
+            self._last_saved = self.state.step
+        return bool(flags[1] > 0)
+
+    def _finish(self) -> None:
+        """At max_steps: the final validation and samples (unless this step just had them) and save."""
+        cfg, step = self.cfg, self.state.step
+        if not cfg.eval_every or step % cfg.eval_every:
+            self._evaluate()
+        if not cfg.sample_every or step % cfg.sample_every:
+            self._sample()
+        if self._last_saved != step:
+            self.save()
 
     def _log(self, window: dict, result, bar) -> None:
         engine, state = self.p.engine, self.state
@@ -219,8 +243,7 @@ class TrainingLoop:
             values.update(self.p.extra_scalars(values))
         self.p.writer.scalars(values, state.step, state.tokens_seen)
         bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-        window.update(loss=torch.zeros((), device=engine.device), applied=0, steps=0, wait=0.0,
-                      start=time.perf_counter())
+        window.update(self._new_window())
 
     def _evaluate(self) -> None:
         nelbo, ppl = self.p.engine.evaluate(self.p.val_loader_factory())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 
-import deepspeed
 import torch
 
 from pgm_dist.checkpoints.saver import Checkpointer
@@ -30,6 +29,11 @@ from pgm_dist.training.writer import make_writer
 def run(setup: Setup) -> str:
     """Train (or distil) what ``setup`` describes: build -> restore -> announce -> loop -> summarize.
     Returns how the loop ended ("finished", "preempted", ...)."""
+    # DeepSpeed is imported when a run starts, not with this module: the launcher reads this
+    # module on the login node, where importing DeepSpeed costs seconds and prints its
+    # accelerator warning on stdout (tests/unit/cluster/test_job_alias.py checks).
+    import deepspeed
+
     deepspeed.utils.logger.setLevel(logging.WARNING)
     init_process_group(setup.device)
     loop = build_loop(setup)

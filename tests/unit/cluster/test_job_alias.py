@@ -1,6 +1,9 @@
-"""A job submitted before the package moved pickled its task as ``pgm_dist.slurm_job.JobTask``
-(and its requeue as a DelayedSubmission of it): both still unpickle, into today's class."""
+"""The login-node side of the launcher: a job submitted before the package moved pickled its task
+as ``pgm_dist.slurm_job.JobTask`` (and its requeue as a DelayedSubmission of it): both still
+unpickle, into today's class; submitting imports no DeepSpeed."""
 import pickle
+import subprocess
+import sys
 
 import cloudpickle
 from submitit.core.utils import DelayedSubmission
@@ -32,3 +35,13 @@ def test_a_queued_submission_of_the_old_path_unpickles():
     assert type(restored.function) is JobTask
     assert (restored.function.entry, restored.function.argv, restored.function.signal_delay_s) == (
         "distill", ("--teacher", "runs/default"), 60)
+
+
+def test_the_launcher_imports_no_deepspeed_before_the_job_runs():
+    """Importing DeepSpeed on the login node costs seconds and prints its accelerator warning as
+    the launcher's first line of output (where ``submitted job N`` belongs)."""
+    done = subprocess.run([sys.executable, "-c", "import sys, pgm_dist.cluster.submit, pgm_dist.cluster.job; "
+                           "print(sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed'))"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]"]

@@ -53,9 +53,9 @@ def slurm_seconds(text: str) -> int | None:
     text = text.strip()
     if text.upper() in ("UNLIMITED", "INFINITE", "NOT_SET"):
         return None
-    days, _, clock = text.rpartition("-")
+    days, dash, clock = text.rpartition("-")
     parts = clock.split(":")
-    if not all(p.isdigit() for p in parts) or len(parts) > 3 or (days and not days.isdigit()):
+    if not all(p.isdigit() for p in parts) or len(parts) > 3 or (dash and not days.isdigit()):
         raise ValueError(f"cannot read {text!r} as a SLURM time (minutes, MM:SS, HH:MM:SS or D-HH:MM:SS)")
     numbers = [int(p) for p in parts]
     if days:  # D-H, D-H:M, D-H:M:S

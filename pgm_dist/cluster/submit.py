@@ -19,6 +19,11 @@ import torch
 from pgm_dist.cluster.job import JobTask, entries, slurm_seconds
 from pgm_dist.common.cli import run_cli
 
+# Set in the batch script for every task: Python tracebacks of every thread on a fatal signal,
+# NCCL warnings, and NCCL errors raised in the rank instead of hanging it (keeps a user's value).
+JOB_ENVIRONMENT = {"PYTHONFAULTHANDLER": "1", "NCCL_DEBUG": "${NCCL_DEBUG:-WARN}",
+                   "TORCH_NCCL_ASYNC_ERROR_HANDLING": "${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"}
+
 
 class LaunchError(ValueError):
     """A launcher option that cannot work; the message says what to do."""
@@ -68,8 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--nodes", type=parse_nodes, default=NodeRange(1, 1), help="node count N or range MIN-MAX (default: 1)")
     add("--gpus-per-node", type=int, default=8, help="GPUs per node, one task per GPU; 0 for CPU nodes (default: 8)")
     add("--tasks-per-node", type=int, default=None, help="tasks (ranks) per node (default: --gpus-per-node, or 1)")
-    add("--cpus-per-task", type=int, default=None, help="CPU cores per task (data loader workers + 1 or more)")
-    add("--mem-gb", type=float, default=None, help="memory per node in GiB")
+    add("--cpus-per-task", type=int, default=None,
+        help="CPU cores per task (data loader workers + 1 or more), also passed to srun")
+    add("--mem-gb", type=float, default=None, help="memory per node in GiB (default: all of it on GPU nodes)")
+    add("--exclusive", action=argparse.BooleanOptionalAction, default=None,
+        help="whole nodes, shared with no other job (default: on for GPU nodes, off for CPU nodes)")
     add("--partition", help="SLURM partition")
     add("--account", help="SLURM account")
     add("--qos", help="SLURM quality of service")
@@ -113,6 +121,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if args.signal_delay >= args.time * 60:
         problems.append(f"--signal-delay {args.signal_delay} s leaves no time to train within --time "
                         f"{args.time} min")
+    if args.mem_gb is not None and args.mem_gb <= 0:
+        problems.append(f"--mem-gb must be > 0 GiB, got {args.mem_gb}")
+    if args.cpus_per_task is not None and args.cpus_per_task < 1:
+        problems.append(f"--cpus-per-task must be >= 1, got {args.cpus_per_task}")
+    for option, value in (("--name", args.name), ("--partition", args.partition), ("--account", args.account),
+                          ("--qos", args.qos), ("--constraint", args.constraint), ("--job-dir", str(args.job_dir))):
+        if value is not None and any(c in value for c in "\n\r\0"):
+            problems.append(f"{option} {value!r} holds a line break or NUL, which would end its #SBATCH line "
+                            "and run the rest as shell commands")
+    if args.exclusive is None:
+        args.exclusive = bool(args.gpus_per_node)
     if args.local and args.nodes != NodeRange(1, 1):
         problems.append("--local runs on this one machine: use --nodes 1 (and --tasks-per-node for more ranks)")
     if problems:
@@ -143,16 +162,26 @@ def slurm_parameters(args: argparse.Namespace) -> dict:
     params = {"job_name": args.name, "time": args.time, "nodes": args.nodes.low,
               "ntasks_per_node": args.tasks_per_node, "signal_delay_s": args.signal_delay,
               # --requeue: SLURM may requeue the job itself (node failure, preemption with PreemptMode=REQUEUE)
-              "additional_parameters": {"requeue": True}}
+              "additional_parameters": {"requeue": True},
+              # A rank that dies ends the step at once, instead of leaving the others in a collective
+              # until the process-group timeout.
+              "srun_args": ["--kill-on-bad-exit=1"],
+              "setup": [f"export {key}={value}" for key, value in JOB_ENVIRONMENT.items()]}
+    if args.exclusive:
+        params["additional_parameters"]["exclusive"] = True
     if args.nodes.high != args.nodes.low:
         # With --ntasks-per-node in the header SLURM counts the tasks from MIN and grants MIN nodes; without
         # it, it grants as many whole nodes of the range as are free, and srun starts the tasks on each.
         params["additional_parameters"].update(nodes=str(args.nodes), exclusive=True)
-        params["srun_args"] = [f"--ntasks-per-node={params.pop('ntasks_per_node')}"]
+        params["srun_args"].append(f"--ntasks-per-node={params.pop('ntasks_per_node')}")
     if args.gpus_per_node:
         params["gpus_per_node"] = args.gpus_per_node
     if args.mem_gb:
         params["mem"] = f"{round(args.mem_gb * 1024)}M"
+    elif args.gpus_per_node:
+        params["mem"] = "0"  # SLURM: all the memory of each node
+    if args.cpus_per_task is not None:  # srun no longer inherits it from sbatch (SLURM 22.05-23.02)
+        params["srun_args"].append(f"--cpus-per-task={args.cpus_per_task}")
     for name in ("cpus_per_task", "partition", "account", "qos", "constraint"):
         if getattr(args, name) is not None:
             params[name] = getattr(args, name)

@@ -122,9 +122,6 @@ def test_slurm_seconds_error_names_the_text_and_the_formats():
     assert str(err.value) == "cannot read 'ten' as a SLURM time (minutes, MM:SS, HH:MM:SS or D-HH:MM:SS)"
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="BUG: '-5' splits as days='' + clock='5' and reads as 5 minutes (300 s); "
-                          "a negative time is none of the documented formats and should raise")
 def test_slurm_seconds_rejects_a_negative_time():
     with pytest.raises(ValueError):
         slurm_seconds("-5")
@@ -302,23 +299,14 @@ def test_parse_args_accepts_local_on_one_node_with_several_tasks():
     assert args.local and args.nodes == NodeRange(1, 1) and args.tasks_per_node == 2
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="BUG: '--time -5' is read as 5 minutes (slurm_seconds('-5') == 300) "
-                          "instead of being refused")
 def test_parse_args_rejects_a_negative_time(capsys):
     launcher_error(["--time", "-5"], capsys)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="BUG: a negative --mem-gb is not checked before submitting; it becomes "
-                          "'#SBATCH --mem=-1024M', which only sbatch refuses")
 def test_parse_args_rejects_a_negative_memory(capsys):
     launcher_error(["--mem-gb", "-1"], capsys)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="BUG: --cpus-per-task 0 is not checked before submitting (unlike "
-                          "--tasks-per-node); it becomes '#SBATCH --cpus-per-task=0'")
 def test_parse_args_rejects_zero_cpus_per_task(capsys):
     launcher_error(["--cpus-per-task", "0"], capsys)
 
@@ -431,11 +419,17 @@ def test_launch_error_is_a_value_error():
 # slurm_parameters and sbatch_script: the sbatch lines
 
 
+JOB_SETUP = ["export PYTHONFAULTHANDLER=1", "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}",
+             "export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"]
+
+
 def test_slurm_parameters_of_a_fixed_node_count(tmp_path):
     args, _ = parse_args(["--nodes", "3", "--gpus-per-node", "4", "--time", "1:30:00", "--job-dir", str(tmp_path)])
     assert slurm_parameters(args) == {"job_name": "pgm", "time": 90, "nodes": 3, "ntasks_per_node": 4,
-                                      "signal_delay_s": 120, "additional_parameters": {"requeue": True},
-                                      "gpus_per_node": 4}
+                                      "signal_delay_s": 120,
+                                      "additional_parameters": {"requeue": True, "exclusive": True},
+                                      "srun_args": ["--kill-on-bad-exit=1"], "setup": JOB_SETUP,
+                                      "gpus_per_node": 4, "mem": "0"}
 
 
 def test_slurm_parameters_of_a_node_range_move_tasks_per_node_to_srun(tmp_path):
@@ -445,7 +439,8 @@ def test_slurm_parameters_of_a_node_range_move_tasks_per_node_to_srun(tmp_path):
     assert slurm_parameters(args) == {
         "job_name": "r", "time": 240, "nodes": 2, "signal_delay_s": 300,
         "additional_parameters": {"requeue": True, "nodes": "2-8", "exclusive": True},
-        "srun_args": ["--ntasks-per-node=8"], "gpus_per_node": 8, "mem": "1536M", "cpus_per_task": 4,
+        "srun_args": ["--kill-on-bad-exit=1", "--ntasks-per-node=8", "--cpus-per-task=4"], "setup": JOB_SETUP,
+        "gpus_per_node": 8, "mem": "1536M", "cpus_per_task": 4,
         "partition": "gpu", "account": "acc", "qos": "high", "constraint": "h100"}
 
 
@@ -459,6 +454,36 @@ def test_slurm_parameters_omit_gpus_and_memory_for_cpu_nodes_without_mem():
     args, _ = parse_args(["--gpus-per-node", "0"])
     params = slurm_parameters(args)
     assert "gpus_per_node" not in params and "mem" not in params
+    assert "exclusive" not in params["additional_parameters"]  # CPU nodes are shared unless asked
+
+
+@pytest.mark.parametrize("argv, exclusive, mem", [
+    ([], True, "0"),  # GPU nodes: whole nodes, all their memory
+    (["--no-exclusive"], False, "0"),
+    (["--mem-gb", "100"], True, "102400M"),
+    (["--gpus-per-node", "0", "--exclusive"], True, None),
+    (["--gpus-per-node", "0"], False, None),
+])
+def test_gpu_jobs_take_whole_nodes_unless_told_otherwise(argv, exclusive, mem):
+    params = slurm_parameters(parse_args(argv)[0])
+    assert params["additional_parameters"].get("exclusive", False) is exclusive
+    assert params.get("mem") == mem
+
+
+def test_every_slurm_job_kills_the_step_when_a_rank_dies_and_sets_the_diagnostics():
+    script = sbatch_script(parse_args(["--nodes", "2", "--cpus-per-task", "12"])[0])
+    srun = [line for line in script.splitlines() if line.startswith("srun ")]
+    assert len(srun) == 1 and " --kill-on-bad-exit=1 " in srun[0] and " --cpus-per-task=12 " in srun[0]
+    for line in JOB_SETUP:
+        assert line in script.splitlines()
+    assert "#SBATCH --exclusive" in script and "#SBATCH --mem=0" in script
+
+
+@pytest.mark.parametrize("option", ["--name", "--partition", "--account", "--qos", "--constraint", "--job-dir"])
+@pytest.mark.parametrize("bad", ["a\nsrun rm -rf ~", "a\rb", "a\0b"])
+def test_a_line_break_or_nul_in_a_batch_script_value_is_refused(option, bad, capsys):
+    message = launcher_error([option, bad], capsys)
+    assert f"{option} {bad!r} holds a line break or NUL" in message
 
 
 def test_logs_folder_is_the_absolute_job_dir_logs(tmp_path, monkeypatch):

@@ -116,12 +116,15 @@ class JobTask:
         setup = entry.prepare(entry.parse(list(self.argv)))
         setup.launch = launch_info()
         status = entry.run(setup)
-        if status == "preempted":  # saved on every rank: now requeue (rank 0; the others return)
+        if status == "preempted":  # SIGUSR2, saved on every rank: now requeue (rank 0; the others return)
             RequeueAfterSave(started, self.signal_delay_s).checkpoint_and_try_requeue(signal.SIGUSR2)
         else:
-            # Finished: a time-limit warning now means nothing. Python resets the handlers it installed
-            # (the loop's) to the default action, terminate, while it shuts down, so a warning arriving
-            # then turned a completed job into a FAILED one; an ignored signal stays ignored.
+            # Finished, or stopped by SIGTERM: a plain `scancel` (never requeued: SLURM would requeue a
+            # cancelled job that asked for --requeue) or a scheduler preemption (PreemptMode=REQUEUE
+            # requeues the job by itself). A time-limit warning now means nothing: Python resets the
+            # handlers it installed (the loop's) to the default action, terminate, while it shuts
+            # down, so a warning arriving then turned a completed job into a FAILED one; an ignored
+            # signal stays ignored.
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         return status
 

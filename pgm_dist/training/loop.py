@@ -50,15 +50,25 @@ class TrainState:
 
 
 class StopFlag:
-    """Set by SIGUSR2 / SIGTERM (preemption); acted upon at the next step boundary only."""
+    """Set by a signal, acted upon at the next step boundary only, where ranks agree on the
+    strongest one (all-reduced max of :attr:`level`): SIGUSR2 (SLURM's time-limit warning,
+    ``scancel --signal=USR2``) asks to save and come back, "preempted"; SIGTERM (``scancel``, a
+    scheduler preemption, ``kill``) asks to save and stop, "stopped"."""
+
+    LEVELS = {signal.SIGUSR2: 1, signal.SIGTERM: 2}
+    STATUS = {1: "preempted", 2: "stopped"}
 
     def __init__(self):
-        self.raised = False
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
+        self.level = 0
+        for sig in self.LEVELS:
             signal.signal(sig, self._handler)
 
+    @property
+    def raised(self) -> bool:
+        return self.level > 0
+
     def _handler(self, signum, frame) -> None:
-        self.raised = True
+        self.level = max(self.level, self.LEVELS[signum])
 
 
 @dataclass
@@ -136,7 +146,8 @@ class TrainingLoop:
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> str:
-        """Train to ``max_steps``; returns "finished" or "preempted"."""
+        """Train to ``max_steps``; returns "finished", or after a signal's save "preempted" (SIGUSR2:
+        to be requeued) or "stopped" (SIGTERM)."""
         cfg, engine, state = self.cfg, self.p.engine, self.state
         batches = iter(self.p.train_loader)
         bar = tqdm(total=cfg.max_steps, initial=state.step, unit="step", dynamic_ncols=True,
@@ -150,8 +161,9 @@ class TrainingLoop:
                 self._count(result, window)
                 bar.update(1)
                 self._periodic(result, window, bar)
-                if self._save_if_due():
-                    return "preempted"
+                stop = self._save_if_due()
+                if stop:
+                    return StopFlag.STATUS[stop]
             self._finish()
         finally:
             bar.close()
@@ -197,16 +209,16 @@ class TrainingLoop:
         if cfg.sample_every and step % cfg.sample_every == 0:
             self._sample()
 
-    def _save_if_due(self) -> bool:
-        """Save when the step or time interval comes or any rank was asked to stop (one all-reduce
-        decides for every rank); True when the run must stop (preempted) after that save."""
-        flags = torch.tensor([float(self.p.checkpointer.due_by_time()), float(self.stop.raised)],
+    def _save_if_due(self) -> int:
+        """Save when the step or time interval comes or any rank got a stop signal (one all-reduce
+        decides for every rank); returns the strongest signal's :class:`StopFlag` level (0: go on)."""
+        flags = torch.tensor([float(self.p.checkpointer.due_by_time()), float(self.stop.level)],
                              device=self.p.engine.device)
         all_reduce(flags, "max")
         if self.p.checkpointer.due_by_steps(self.state.step) or flags[0] > 0 or flags[1] > 0:
             self.save()
             self._last_saved = self.state.step
-        return bool(flags[1] > 0)
+        return int(flags[1].item())
 
     def _finish(self) -> None:
         """At max_steps: the final validation and samples (unless this step just had them) and save."""

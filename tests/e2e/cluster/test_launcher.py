@@ -154,6 +154,22 @@ def test_preemption_saves_requeues_and_resumes_exactly(cluster, reference, data,
     assert DelayedSubmission.load(tmp_path / "logs" / f"{job}_submitted.pkl")._timeout_countdown == 3
 
 
+def test_plain_scancel_saves_and_stops_for_good(cluster, data, tmp_path):
+    """``scancel JOB`` (SIGTERM to every task): every rank saves at the next step and the job ends
+    CANCELLED, never requeued (SLURM would requeue a cancelled --requeue job if rank 0 asked)."""
+    job = submit(["--nodes", "2", *CPU_NODES, "--time", "60", "--job-dir", str(tmp_path), "--",
+                  "--data", str(data), *TRAIN], cluster)
+    wait_for_step(tmp_path / "train" / "tb", 3)
+    cluster.run("scancel", job)
+    assert cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED", "PENDING"}, timeout=120) == "CANCELLED"
+    time.sleep(8)  # a requeue would show by now
+    assert (cluster.job_field(job, "JobState"), cluster.job_field(job, "Restarts")) == ("CANCELLED", "0")
+    log = (tmp_path / "logs" / f"{job}_0_log.out").read_text()
+    stopped = int(re.search(r"stopped at step (\d+)", log)[1])
+    assert 3 <= stopped < STEPS
+    assert (tmp_path / "train" / "checkpoints" / f"step_{stopped:08d}" / "COMPLETE").exists()
+
+
 def test_time_limit_on_a_drained_node_requeues_and_finishes_on_one_node(cluster, data, tmp_path):
     """``--nodes 1-2``: starts on both nodes; n2 is drained and the time limit runs out; the warning
     signal saves, the job requeues (one time-out of --max-requeues 1) and finishes on n1 alone through

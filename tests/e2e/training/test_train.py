@@ -298,7 +298,7 @@ def test_sigterm_to_the_process_group_then_resume_from_a_path_with_cosine_offloa
     os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its DataLoader workers
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output[-3000:]
-    stopped = int(re.search(r"preempted at step (\d+)", output).group(1))
+    stopped = int(re.search(r"stopped at step (\d+)", output).group(1))  # SIGTERM: saved, not to be requeued
     assert 4 <= stopped < 12
     # Every step was checkpointed by time (--ckpt-every 0), and only the last two were kept.
     assert sorted(p.name for p in ckpts.glob("step_*")) == [f"step_{stopped - 1:08d}", f"step_{stopped:08d}"]

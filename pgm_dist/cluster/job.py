@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -65,14 +66,18 @@ def slurm_seconds(text: str) -> int | None:
     return (h * 60 + m) * 60 + s
 
 
-def seconds_left(started: float) -> float | None:
-    """Seconds until the scheduler stops this job (None: no limit or not known)."""
+def seconds_left(started: float, timeout_s: float = 20) -> float | None:
+    """Seconds until the scheduler stops this job (None: no limit or not known). A ``squeue`` that
+    is missing, fails or hangs is reported on stderr and read as "not known": this runs after a
+    good save, where a traceback would turn a requeue into a failed job."""
     if "SLURM_JOB_ID" in os.environ:
-        out = subprocess.run(["squeue", "-h", "-j", os.environ["SLURM_JOB_ID"], "-o", "%L"], capture_output=True,
-                             text=True, timeout=60)
+        command = ["squeue", "-h", "-j", os.environ["SLURM_JOB_ID"], "-o", "%L"]
         try:
+            out = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=True)
             return slurm_seconds(out.stdout)
-        except ValueError:
+        except (OSError, subprocess.SubprocessError, ValueError) as err:
+            print(f"{' '.join(command)} gave no time left ({type(err).__name__}: {err}); "
+                  "taking the signal as a preemption", file=sys.stderr, flush=True)
             return None
     if "SUBMITIT_LOCAL_TIMEOUT_S" in os.environ:  # the LocalExecutor's limit counts from the tasks' start
         return float(os.environ["SUBMITIT_LOCAL_TIMEOUT_S"]) - (time.time() - started)

@@ -139,10 +139,14 @@ class TrainingLoop:
 
     def save(self) -> Path:
         engine = self.p.engine
+        start = time.perf_counter()
         client_state, files = self.client_state()
-        return self.p.checkpointer.save(engine.ds, self.state.step, client_state,
+        path = self.p.checkpointer.save(engine.ds, self.state.step, client_state,
                                         self.p.checkpoint_state(self.state), engine.ema.whole(),
                                         self.p.tokenizer_path, files)
+        # What a preemption's save costs (SLURM's --signal-delay must cover a step and a save).
+        self.p.writer.scalars({"ckpt/save_s": time.perf_counter() - start}, self.state.step, self.state.tokens_seen)
+        return path
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> str:
@@ -160,10 +164,13 @@ class TrainingLoop:
                 result = engine.train_step(batches, state.step)
                 self._count(result, window)
                 bar.update(1)
-                self._periodic(result, window, bar)
+                if state.step % cfg.log_every == 0:
+                    self._log(window, result, bar)
+                # Before validation and samples, so that a stop signal's save never waits for them.
                 stop = self._save_if_due()
                 if stop:
                     return StopFlag.STATUS[stop]
+                self._evaluate_and_sample_if_due()
             self._finish()
         finally:
             bar.close()
@@ -199,11 +206,9 @@ class TrainingLoop:
                 f"(up to step {state.step}); stopping. The last complete checkpoint is intact: "
                 "lower --lr, check the data, or resume with another --seed")
 
-    def _periodic(self, result, window: dict, bar) -> None:
-        """TensorBoard scalars, validation and samples, each when its interval comes."""
+    def _evaluate_and_sample_if_due(self) -> None:
+        """Validation and samples, each when its interval comes."""
         cfg, step = self.cfg, self.state.step
-        if step % cfg.log_every == 0:
-            self._log(window, result, bar)
         if cfg.eval_every and step % cfg.eval_every == 0:
             self._evaluate()
         if cfg.sample_every and step % cfg.sample_every == 0:

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--entry", default="train", choices=tuple(entries()),
         help="what the job runs: train (pgm_dist/train.py's options after --) or distill (pgm_dist/distill.py's) "
              "(default: train)")
+    add("--env", action="append", default=[], metavar="KEY=VALUE",
+        help="export KEY=VALUE in the batch script, for every task (repeatable)")
+    add("--setup", action="append", default=[], metavar="CMD",
+        help="a shell line the batch script runs before the tasks start, e.g. 'module load cuda' (repeatable)")
     add("--dry-run", action="store_true", help="print the sbatch script and the training options; submit nothing")
     add("--local", action="store_true",
         help="run the job as processes on this machine (submitit's LocalExecutor) and wait for it")
@@ -130,6 +134,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         if value is not None and any(c in value for c in "\n\r\0"):
             problems.append(f"{option} {value!r} holds a line break or NUL, which would end its #SBATCH line "
                             "and run the rest as shell commands")
+    for item in args.env:
+        key, eq, value = item.partition("=")
+        if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            problems.append(f"--env {item!r}: give KEY=VALUE with KEY a shell variable name")
+        elif any(c in value for c in "\n\r\0"):
+            problems.append(f"--env {key}: the value holds a line break or NUL")
+    for line in args.setup:
+        if any(c in line for c in "\n\r\0"):
+            problems.append(f"--setup {line!r}: one shell line per --setup (no line break or NUL)")
     if args.exclusive is None:
         args.exclusive = bool(args.gpus_per_node)
     if args.local and args.nodes != NodeRange(1, 1):
@@ -166,7 +179,9 @@ def slurm_parameters(args: argparse.Namespace) -> dict:
               # A rank that dies ends the step at once, instead of leaving the others in a collective
               # until the process-group timeout.
               "srun_args": ["--kill-on-bad-exit=1"],
-              "setup": [f"export {key}={value}" for key, value in JOB_ENVIRONMENT.items()]}
+              "setup": [f"export {key}={value}" for key, value in JOB_ENVIRONMENT.items()] + [
+                  f"export {key}={shlex.quote(value)}" for key, _, value in (i.partition("=") for i in args.env)
+              ] + list(args.setup)}
     if args.exclusive:
         params["additional_parameters"]["exclusive"] = True
     if args.nodes.high != args.nodes.low:

@@ -679,3 +679,25 @@ def test_seconds_left_is_unknown_outside_slurm_and_the_local_executor(monkeypatc
 
 def test_slurm_may_warn_up_to_a_minute_early():
     assert SLURM_EARLY_WARNING_S == 60
+
+
+def test_env_and_setup_lines_reach_the_batch_script_after_the_defaults():
+    script = sbatch_script(parse_args(["--env", "HF_HOME=/shared/hf cache", "--env", "NCCL_DEBUG=INFO",
+                                       "--setup", "module load cuda/12", "--setup", "source /opt/env.sh"])[0])
+    lines = script.splitlines()
+    wanted = JOB_SETUP + ["export HF_HOME='/shared/hf cache'", "export NCCL_DEBUG=INFO", "module load cuda/12",
+                          "source /opt/env.sh"]
+    start = lines.index(wanted[0])
+    assert lines[start:start + len(wanted)] == wanted  # in this order: the user's NCCL_DEBUG wins
+    assert lines.index("module load cuda/12") < next(i for i, line in enumerate(lines) if line.startswith("srun "))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--env", "NOEQUALS"], "--env 'NOEQUALS': give KEY=VALUE with KEY a shell variable name"),
+    (["--env", "1X=2"], "--env '1X=2': give KEY=VALUE with KEY a shell variable name"),
+    (["--env", "A B=2"], "--env 'A B=2': give KEY=VALUE with KEY a shell variable name"),
+    (["--env", "A=x\nrm -rf ~"], "--env A: the value holds a line break or NUL"),
+    (["--setup", "module load x\nrm -rf ~"], "--setup 'module load x\\nrm -rf ~': one shell line per --setup"),
+])
+def test_bad_env_and_setup_values_are_refused(argv, message, capsys):
+    assert message in launcher_error(argv, capsys)

@@ -162,7 +162,31 @@ def job_argv(args: argparse.Namespace, cfg) -> tuple[str, ...]:
     if cfg.out != defaults["out"] or cfg.resume != "auto":
         raise LaunchError("the launcher sets --out to JOB_DIR/train and always resumes from there "
                           "(--resume auto): choose the folder with --job-dir, and a new one for a fresh run")
-    return ("--no-progress", *args.train_argv, "--out", str((args.job_dir / "train").absolute()), "--resume", "auto")
+    return ("--no-progress", *absolute_paths(args.train_argv), "--out", str((args.job_dir / "train").absolute()),
+            "--resume", "auto")
+
+
+PATH_OPTIONS = ("--ds_config", "--data", "--teacher", "--train-shards")
+
+
+def absolute_paths(argv: list[str]) -> list[str]:
+    """``argv`` with the values of :data:`PATH_OPTIONS` that name local paths made absolute, so that a
+    job started in another folder (or requeued after a ``cd``) reads the same files; URLs and
+    ``pipe:`` sources stay as they are."""
+    def absolute(value: str) -> str:
+        return value if "://" in value or value.startswith("pipe:") else str(Path(value).absolute())
+
+    out, pending = [], False
+    for item in argv:
+        flag, eq, value = item.partition("=")
+        if pending:
+            item, pending = absolute(item), False
+        elif item in PATH_OPTIONS:
+            pending = True
+        elif eq and flag in PATH_OPTIONS:
+            item = f"{flag}={absolute(value)}"
+        out.append(item)
+    return out
 
 
 def check_device(args: argparse.Namespace) -> torch.device:

@@ -21,6 +21,7 @@ from pgm_dist.cluster.job import SLURM_EARLY_WARNING_S, JobTask, entries, second
 from pgm_dist.cluster.submit import (
     LaunchError,
     NodeRange,
+    absolute_paths,
     check_device,
     followup,
     job_argv,
@@ -701,3 +702,25 @@ def test_env_and_setup_lines_reach_the_batch_script_after_the_defaults():
 ])
 def test_bad_env_and_setup_values_are_refused(argv, message, capsys):
     assert message in launcher_error(argv, capsys)
+
+
+def test_job_argv_makes_local_paths_absolute_and_leaves_urls(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args, train_argv = parse_args(["--", "--data", "shards/owt", "--ds_config=ds_configs/zero3.json", "--max-steps",
+                                   "5", "--train-shards", "pipe:curl -s https://x/train-{0..3}.tar"])
+    argv = job_argv(args, parse_train_config(train_argv))
+    assert argv[:8] == ("--no-progress", "--data", str(tmp_path / "shards" / "owt"),
+                        f"--ds_config={tmp_path / 'ds_configs' / 'zero3.json'}", "--max-steps", "5",
+                        "--train-shards", "pipe:curl -s https://x/train-{0..3}.tar")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--teacher", "runs/default"], ["--teacher", "{cwd}/runs/default"]),
+    (["--teacher=/abs/run"], ["--teacher=/abs/run"]),
+    (["--train-shards", "https://data.example.org/train-{0..9}.tar"], ["--train-shards",
+                                                                       "https://data.example.org/train-{0..9}.tar"]),
+    (["--data", "d", "--lr", "0.1"], ["--data", "{cwd}/d", "--lr", "0.1"]),
+])
+def test_absolute_paths(argv, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert absolute_paths(argv) == [item.replace("{cwd}", str(tmp_path)) for item in expected]

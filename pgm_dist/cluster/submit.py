@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pgm_dist.checkpoints.format import complete_checkpoints, read_state
 from pgm_dist.cluster.job import JobTask, entries, slurm_seconds
 from pgm_dist.common.cli import run_cli
 
@@ -99,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="export KEY=VALUE in the batch script, for every task (repeatable)")
     add("--setup", action="append", default=[], metavar="CMD",
         help="a shell line the batch script runs before the tasks start, e.g. 'module load cuda' (repeatable)")
+    add("--continue", dest="continue_run", action="store_true",
+        help="JOB_DIR/train holds checkpoints: continue that run in this new job (without it, refused)")
     add("--dry-run", action="store_true", help="print the sbatch script and the training options; submit nothing")
     add("--local", action="store_true",
         help="run the job as processes on this machine (submitit's LocalExecutor) and wait for it")
@@ -169,13 +172,15 @@ def job_argv(args: argparse.Namespace, cfg) -> tuple[str, ...]:
 PATH_OPTIONS = ("--ds_config", "--data", "--teacher", "--train-shards")
 
 
+def absolute(value: str) -> str:
+    """A local path made absolute; a URL or a ``pipe:`` source as it is."""
+    return value if "://" in value or value.startswith("pipe:") else str(Path(value).absolute())
+
+
 def absolute_paths(argv: list[str]) -> list[str]:
     """``argv`` with the values of :data:`PATH_OPTIONS` that name local paths made absolute, so that a
     job started in another folder (or requeued after a ``cd``) reads the same files; URLs and
     ``pipe:`` sources stay as they are."""
-    def absolute(value: str) -> str:
-        return value if "://" in value or value.startswith("pipe:") else str(Path(value).absolute())
-
     out, pending = [], False
     for item in argv:
         flag, eq, value = item.partition("=")
@@ -280,6 +285,38 @@ def main(argv: list[str]) -> int:
     return run_cli(lambda: check_and_submit(args, train_argv))
 
 
+# What a run cannot change and continue: the checkpoint holds another model, or was trained on other data.
+FIXED_ON_CONTINUE = ("model", "data", "train_shards")
+
+
+def check_job_folder(args: argparse.Namespace, cfg) -> list[str]:
+    """A job folder whose run already holds checkpoints is refused unless ``--continue``; with it, the
+    lines naming each training option that differs from the saved run's (raises LaunchError for
+    those in :data:`FIXED_ON_CONTINUE`)."""
+    checkpoints = complete_checkpoints(Path(cfg.out) / "checkpoints")
+    if not checkpoints:
+        return []
+    latest = checkpoints[-1]
+    if not args.continue_run:
+        raise LaunchError(f"{cfg.out} already holds the checkpoints of a run (latest: {latest.name}): pass "
+                          "--continue to go on with it in this job, or choose another --job-dir for a new run")
+    saved, new = read_state(latest).get("train_config", {}), cfg.to_dict()
+    for values in (saved, new):  # the same folder, whether given relative or absolute
+        for key in ("ds_config", "data", "teacher", "train_shards"):
+            if values.get(key):
+                values[key] = absolute(values[key])
+    changed = {key: (saved.get(key), new.get(key)) for key in sorted(set(saved) | set(new))
+               if key not in ("out", "resume", "progress") and saved.get(key) != new.get(key)}
+    fixed = {key: change for key, change in changed.items() if key in FIXED_ON_CONTINUE}
+    if fixed:
+        raise LaunchError(f"--continue: {latest} was trained with "
+                          + ", ".join(f"{key}={old!r}" for key, (old, _) in fixed.items())
+                          + "; a run cannot continue with "
+                          + ", ".join(f"{key}={value!r}" for key, (_, value) in fixed.items())
+                          + ": use the same values, or another --job-dir for a new run")
+    return [f"--continue: {key} {old!r} -> {value!r}" for key, (old, value) in changed.items()]
+
+
 def check_and_submit(args, train_argv: list[str]) -> None:
     """Everything :func:`main` checks before submitting, then the submission (nothing with --dry-run)."""
     entry = entries()[args.entry]
@@ -287,7 +324,10 @@ def check_and_submit(args, train_argv: list[str]) -> None:
     if args.dry_run:
         print(sbatch_script(args))
         print("# training options of every (re)start:\n#   " + " ".join(task.argv))
-    entry.check(entry.parse(list(task.argv)), world_sizes(args), check_device(args))
+    cfg = entry.parse(list(task.argv))
+    for line in check_job_folder(args, cfg):
+        print(line)
+    entry.check(cfg, world_sizes(args), check_device(args))
     if args.dry_run:
         return
     job = submit(args, task)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +24,7 @@ from pgm_dist.cluster.submit import (
     NodeRange,
     absolute_paths,
     check_device,
+    check_job_folder,
     followup,
     job_argv,
     logs_folder,
@@ -724,3 +726,56 @@ def test_job_argv_makes_local_paths_absolute_and_leaves_urls(tmp_path, monkeypat
 def test_absolute_paths(argv, expected, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert absolute_paths(argv) == [item.replace("{cwd}", str(tmp_path)) for item in expected]
+
+
+# --------------------------------------------------------------------------------------------------
+# A job folder that already holds a run: refused unless --continue, which lists what changed
+
+def _job_folder_with_a_run(tmp_path, **train_config) -> Path:
+    """JOB_DIR whose train/checkpoints holds one complete checkpoint (the pre-move fixture's)."""
+    from tests.helpers.legacy import LEGACY
+
+    job_dir = tmp_path / "jd"
+    (checkpoint,) = (LEGACY / "checkpoint").iterdir()
+    target = job_dir / "train" / "checkpoints" / checkpoint.name
+    shutil.copytree(checkpoint, target)
+    state = json.loads((target / "pgm_state.json").read_text())
+    state["train_config"].update(train_config)
+    (target / "pgm_state.json").write_text(json.dumps(state))
+    return job_dir
+
+
+def _cfg(args):
+    return parse_train_config(list(job_argv(args, parse_train_config(args.train_argv))))
+
+
+def test_a_job_folder_holding_a_run_is_refused_without_continue(tmp_path):
+    job_dir = _job_folder_with_a_run(tmp_path)
+    args, _ = parse_args(["--job-dir", str(job_dir)])
+    with pytest.raises(LaunchError, match=r"already holds the checkpoints of a run \(latest: step_00000003\): pass "
+                                          "--continue"):
+        check_job_folder(args, _cfg(args))
+
+
+def test_continue_lists_every_changed_option(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job_dir = _job_folder_with_a_run(tmp_path, data="shards", lr=0.001, max_steps=6)
+    args, _ = parse_args(["--job-dir", str(job_dir), "--continue", "--", "--data", str(tmp_path / "shards"),
+                          "--max-steps", "50", "--lr", "0.001"])
+    lines = check_job_folder(args, _cfg(args))
+    assert "--continue: max_steps 6 -> 50" in lines
+    assert not any("data" in line or "lr " in line for line in lines)  # the same folder, the same rate
+
+
+@pytest.mark.parametrize("train, key", [(["--model", "mdlm-tiny", "--data", "/shards/owt"], "model"),
+                                        (["--data", "/other"], "data")])
+def test_continue_refuses_another_model_or_data(train, key, tmp_path):
+    job_dir = _job_folder_with_a_run(tmp_path, model="pgm-tiny", data="/shards/owt")
+    args, _ = parse_args(["--job-dir", str(job_dir), "--continue", "--", *train])
+    with pytest.raises(LaunchError, match=f"a run cannot continue with {key}="):
+        check_job_folder(args, _cfg(args))
+
+
+def test_an_empty_job_folder_needs_no_continue(tmp_path):
+    args, _ = parse_args(["--job-dir", str(tmp_path / "new")])
+    assert check_job_folder(args, _cfg(args)) == []

@@ -261,7 +261,15 @@ def make_executor(args: argparse.Namespace):
 
 
 def submit(args: argparse.Namespace, task: JobTask):
-    return make_executor(args).submit(task)
+    """Submit ``task``; ``sbatch`` refusing the job (a wrong partition, account or QOS, a limit) is a
+    LaunchError carrying sbatch's own message, not a traceback."""
+    from submitit.core.utils import FailedJobError
+
+    executor = make_executor(args)
+    try:
+        return executor.submit(task)
+    except FailedJobError as err:
+        raise LaunchError(f"sbatch refused the job: {str(err).strip() or 'no message'}") from None
 
 
 def followup(args: argparse.Namespace, job) -> str:

@@ -1,0 +1,26 @@
+"""``sbatch`` refusing a job reaches the user as one clear line (LaunchError, exit 2), not a
+traceback. Here ``sbatch`` and ``srun`` are real executables on PATH that answer as SLURM does."""
+import pytest
+
+from pgm_dist.cluster.job import JobTask
+from pgm_dist.cluster.submit import LaunchError, parse_args, submit
+
+REFUSAL = "sbatch: error: Batch job submission failed: Invalid partition name specified"
+
+
+@pytest.fixture
+def refusing_slurm(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("sbatch", f'echo "{REFUSAL}" >&2\nexit 1'), ("srun", "exit 0")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    return tmp_path
+
+
+def test_an_sbatch_refusal_is_a_launch_error_with_sbatchs_message(refusing_slurm):
+    args, _ = parse_args(["--gpus-per-node", "0", "--partition", "nope", "--job-dir", str(refusing_slurm / "jd")])
+    with pytest.raises(LaunchError) as err:
+        submit(args, JobTask("train", ("--max-steps", "1"), 30))
+    assert str(err.value) == f"sbatch refused the job: {REFUSAL}"

@@ -165,8 +165,13 @@ def job_argv(args: argparse.Namespace, cfg) -> tuple[str, ...]:
     if cfg.out != defaults["out"] or cfg.resume != "auto":
         raise LaunchError("the launcher sets --out to JOB_DIR/train and always resumes from there "
                           "(--resume auto): choose the folder with --job-dir, and a new one for a fresh run")
-    return ("--no-progress", *absolute_paths(args.train_argv), "--out", str((args.job_dir / "train").absolute()),
-            "--resume", "auto")
+    return ("--no-progress", *JOB_CHECKPOINTS, *absolute_paths(args.train_argv),
+            "--out", str((args.job_dir / "train").absolute()), "--resume", "auto")
+
+
+# A job checkpoints by time, not by steps (the user's own --ckpt-every / --ckpt-minutes come later and
+# win): what a crash or a node failure loses is bounded in minutes whatever the step time.
+JOB_CHECKPOINTS = ("--ckpt-every", "0", "--ckpt-minutes", "10")
 
 
 PATH_OPTIONS = ("--ds_config", "--data", "--teacher", "--train-shards")

@@ -369,15 +369,16 @@ def test_check_device_is_cuda_for_gpu_nodes_and_cpu_for_cpu_nodes(argv, device):
 def test_job_argv_adds_no_progress_the_job_output_folder_and_resume_auto(tmp_path):
     args, train_argv = parse_args(["--job-dir", str(tmp_path / "jd"), "--", "--max-steps", "5", "--lr", "0.01"])
     assert job_argv(args, parse_train_config(train_argv)) == (
-        "--no-progress", "--max-steps", "5", "--lr", "0.01", "--out", str(tmp_path / "jd" / "train"),
-        "--resume", "auto")
+        "--no-progress", "--ckpt-every", "0", "--ckpt-minutes", "10", "--max-steps", "5", "--lr", "0.01",
+        "--out", str(tmp_path / "jd" / "train"), "--resume", "auto")
 
 
 def test_job_argv_output_folder_is_absolute_for_a_relative_job_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args, train_argv = parse_args(["--name", "exp1"])
     argv = job_argv(args, parse_train_config(train_argv))
-    assert argv == ("--no-progress", "--out", str(Path.cwd() / "runs" / "exp1" / "train"), "--resume", "auto")
+    assert argv == ("--no-progress", "--ckpt-every", "0", "--ckpt-minutes", "10",
+                    "--out", str(Path.cwd() / "runs" / "exp1" / "train"), "--resume", "auto")
 
 
 def test_job_argv_parses_back_to_the_job_folder_resuming_without_progress_bar(tmp_path):
@@ -411,7 +412,8 @@ def test_job_argv_refuses_train_default_out_for_distillation(tmp_path):
 def test_job_argv_for_distillation(tmp_path):
     args, train_argv = parse_args(["--entry", "distill", "--job-dir", str(tmp_path), "--", "--rounds", "2"])
     assert job_argv(args, parse_distill_config(train_argv)) == (
-        "--no-progress", "--rounds", "2", "--out", str(tmp_path / "train"), "--resume", "auto")
+        "--no-progress", "--ckpt-every", "0", "--ckpt-minutes", "10", "--rounds", "2", "--out",
+        str(tmp_path / "train"), "--resume", "auto")
 
 
 def test_launch_error_is_a_value_error():
@@ -711,7 +713,8 @@ def test_job_argv_makes_local_paths_absolute_and_leaves_urls(tmp_path, monkeypat
     args, train_argv = parse_args(["--", "--data", "shards/owt", "--ds_config=ds_configs/zero3.json", "--max-steps",
                                    "5", "--train-shards", "pipe:curl -s https://x/train-{0..3}.tar"])
     argv = job_argv(args, parse_train_config(train_argv))
-    assert argv[:8] == ("--no-progress", "--data", str(tmp_path / "shards" / "owt"),
+    assert argv[:12] == ("--no-progress", "--ckpt-every", "0", "--ckpt-minutes", "10",
+                         "--data", str(tmp_path / "shards" / "owt"),
                         f"--ds_config={tmp_path / 'ds_configs' / 'zero3.json'}", "--max-steps", "5",
                         "--train-shards", "pipe:curl -s https://x/train-{0..3}.tar")
 
@@ -779,3 +782,11 @@ def test_continue_refuses_another_model_or_data(train, key, tmp_path):
 def test_an_empty_job_folder_needs_no_continue(tmp_path):
     args, _ = parse_args(["--job-dir", str(tmp_path / "new")])
     assert check_job_folder(args, _cfg(args)) == []
+
+
+@pytest.mark.parametrize("train, every, minutes", [([], 0, 10.0), (["--ckpt-every", "500"], 500, 10.0),
+                                                   (["--ckpt-minutes", "3"], 0, 3.0)])
+def test_jobs_checkpoint_every_ten_minutes_unless_the_user_says_otherwise(train, every, minutes, tmp_path):
+    args, train_argv = parse_args(["--job-dir", str(tmp_path), "--", *train])
+    cfg = parse_train_config(list(job_argv(args, parse_train_config(train_argv))))
+    assert (cfg.ckpt_every, cfg.ckpt_minutes) == (every, minutes)

@@ -10,6 +10,7 @@ import math
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,9 @@ from pgm_dist.common.cli import run_cli
 # Set in the batch script for every task: Python tracebacks of every thread on a fatal signal,
 # NCCL warnings, and NCCL errors raised in the rank instead of hanging it (keeps a user's value).
 JOB_ENVIRONMENT = {"PYTHONFAULTHANDLER": "1", "NCCL_DEBUG": "${NCCL_DEBUG:-WARN}",
-                   "TORCH_NCCL_ASYNC_ERROR_HANDLING": "${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"}
+                   "TORCH_NCCL_ASYNC_ERROR_HANDLING": "${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}",
+                   # each rank's torch threads: its own CPUs, not the whole node's (a user's value wins)
+                   "OMP_NUM_THREADS": "${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"}
 
 
 class LaunchError(ValueError):
@@ -330,12 +333,42 @@ def check_job_folder(args: argparse.Namespace, cfg) -> list[str]:
     return [f"--continue: {key} {old!r} -> {value!r}" for key, (old, value) in changed.items()]
 
 
+def node_cpus(partition: str | None, timeout_s: float = 20) -> int | None:
+    """The fewest CPUs a node of ``partition`` (default: every partition) has, as ``sinfo`` says;
+    None when sinfo is missing, fails or does not answer."""
+    command = ["sinfo", "-h", "-N", "-o", "%c", *(["-p", partition] if partition else [])]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=True).stdout
+        counts = [int(line) for line in out.split() if line.strip()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return min(counts) if counts else None
+
+
+def cpu_budget(args: argparse.Namespace) -> str:
+    """Each rank's CPUs, as a line for --dry-run; on GPU nodes without --cpus-per-task this also
+    sets it: floor(node CPUs / tasks per node), from sinfo."""
+    if args.cpus_per_task is None and args.gpus_per_node and not args.local:
+        cpus = node_cpus(args.partition)
+        if cpus is None:
+            return ("# each rank: CPUs not known (sinfo gave none): pass --cpus-per-task, or each task gets "
+                    "SLURM's default")
+        args.cpus_per_task = max(1, cpus // args.tasks_per_node)
+    if args.cpus_per_task is None:
+        return "# each rank: SLURM's default CPUs (--cpus-per-task not given)"
+    return (f"# each rank: {args.cpus_per_task} CPUs (OMP_NUM_THREADS={args.cpus_per_task}); room for "
+            f"{max(0, args.cpus_per_task - 2)} DataLoader workers (--loader-workers) beside the rank and its "
+            "pin-memory thread")
+
+
 def check_and_submit(args, train_argv: list[str]) -> None:
     """Everything :func:`main` checks before submitting, then the submission (nothing with --dry-run)."""
     entry = entries()[args.entry]
     task = JobTask(args.entry, job_argv(args, entry.parse(train_argv)), args.signal_delay)
+    budget = cpu_budget(args)
     if args.dry_run:
         print(sbatch_script(args))
+        print(budget)
         print("# training options of every (re)start:\n#   " + " ".join(task.argv))
     cfg = entry.parse(list(task.argv))
     for line in check_job_folder(args, cfg):

@@ -425,7 +425,8 @@ def test_launch_error_is_a_value_error():
 
 
 JOB_SETUP = ["export PYTHONFAULTHANDLER=1", "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}",
-             "export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"]
+             "export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}",
+             "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"]
 
 
 def test_slurm_parameters_of_a_fixed_node_count(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from pgm_dist.checkpoints.format import _TAG, EMA_FILE, MARKER, STATE_FILE, complete_checkpoints, tag_for
-from pgm_dist.common.distributed import DistEnv, barrier
+from pgm_dist.common.distributed import DistEnv, all_reduce, barrier
 from pgm_dist.common.files import write_json_atomic
 from pgm_dist.data.shards import TOKENIZER_FILE
 
@@ -21,6 +21,35 @@ FAULT_ENV = "PGM_DIST_FAULT_KILL_IN_SAVE"  # "STEP:RANK": that rank kills itself
 def _maybe_fault(step: int, rank: int) -> None:
     if os.environ.get(FAULT_ENV) == f"{step}:{rank}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class CheckpointSpaceError(OSError):
+    """Too little free disk for the next checkpoint; raised on every rank together."""
+
+
+def checkpoint_bytes(root: Path) -> int | None:
+    """What the newest complete checkpoint under ``root`` takes on disk (None before the first)."""
+    done = complete_checkpoints(root)
+    if not done:
+        return None
+    return sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file())
+
+
+def check_free_space(root: Path, env: DistEnv, margin: float = 1.1) -> None:
+    """Collective, before a save: every rank checks that its file system holds another checkpoint
+    the size of the last one (x ``margin``), and all ranks learn together whether any cannot, so a
+    full disk stops every rank with one message instead of leaving the others in a collective."""
+    root.mkdir(parents=True, exist_ok=True)
+    needed, free = checkpoint_bytes(root), shutil.disk_usage(root).free
+    short = torch.tensor([float(needed is not None and free < margin * needed)])
+    all_reduce(short, "max")
+    if short.item() > 0:
+        detail = (f"rank {env.rank}: {free / 2**30:.2f} GiB free, the last checkpoint took "
+                  f"{needed / 2**30:.2f} GiB" if needed is not None and free < margin * needed else
+                  "another rank's file system is short")
+        raise CheckpointSpaceError(f"not enough free disk to save a checkpoint under {root} ({detail}): free "
+                                   "space there or lower --keep-last, then resume; the last complete checkpoint "
+                                   "is intact")
 
 
 class Checkpointer:
@@ -42,6 +71,7 @@ class Checkpointer:
              tokenizer_path: Path | None, extra_files: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
         """Collective: every rank must call it. ``extra_files``: {file name: tensors} written by
         rank 0 as safetensors beside the shards, before the marker."""
+        check_free_space(self.root, self.env)
         tag = tag_for(step)
         path = self.root / tag
         if self.env.is_main and path.exists():

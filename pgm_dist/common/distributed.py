@@ -6,6 +6,7 @@ to them. A plain ``python pgm_dist/train.py`` runs as a world of one.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -58,12 +59,14 @@ def select_device(env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(device: torch.device) -> None:
+def init_process_group(device: torch.device, timeout_min: float = 10.0) -> None:
+    """The process group (NCCL on GPUs, gloo on CPUs); a collective waits ``timeout_min`` minutes
+    for a missing rank before it fails."""
     import deepspeed
 
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   auto_mpi_discovery=False)
+                                   auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_min))
 
 
 def barrier() -> None:

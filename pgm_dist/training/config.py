@@ -71,6 +71,8 @@ class TrainConfig:
     loader_workers: int = _opt(1, "DataLoader worker processes per rank")
     shuffle_shards: int = _opt(4, "shards mixed together by the shuffle buffer")
     max_nonfinite: int = _opt(10, "stop after this many consecutive non-finite steps (each one skipped)")
+    dist_timeout_min: float = _opt(10.0, "minutes a collective waits for a missing rank before the run fails "
+                                         "(a dead rank's peers stop after this)")
     progress: bool = _opt(True, "show a progress bar on rank 0")
 
     def __post_init__(self) -> None:
@@ -79,6 +81,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.dist_timeout_min <= 0:
+            raise ConfigError(f"--dist-timeout-min must be > 0, got {self.dist_timeout_min}")
         for name in ("eval_every", "sample_every", "ckpt_every", "warmup_steps", "loader_workers", "loss_chunk",
                      "sample_cfg"):
             if getattr(self, name) < 0:

@@ -35,7 +35,7 @@ def run(setup: Setup) -> str:
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    init_process_group(setup.device)
+    init_process_group(setup.device, setup.cfg.dist_timeout_min)
     loop = build_loop(setup)
     restore(loop, setup)
     announce(loop, setup)

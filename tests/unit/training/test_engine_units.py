@@ -159,3 +159,10 @@ def test_fake_nvml_gives_scalars_in_the_right_units(monkeypatch):
     assert values == {"gpu/utilization_pct": 87.0, "gpu/memory_used_gib": 3.0, "gpu/memory_total_gib": 80.0,
                       "gpu/power_w": 412.5}
     assert GpuTelemetry("cccc").read() == {}  # no GPU with that UUID
+
+
+def test_dist_timeout_option_is_parsed_and_checked():
+    assert parse_train_config(["--dist-timeout-min", "2.5"]).dist_timeout_min == 2.5
+    assert TrainConfig().dist_timeout_min == 10.0
+    with pytest.raises(ConfigError, match="--dist-timeout-min must be > 0"):
+        TrainConfig(dist_timeout_min=0)

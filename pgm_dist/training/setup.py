@@ -12,7 +12,7 @@ import torch
 
 from pgm_dist.checkpoints.format import find_resume_checkpoint, read_state
 from pgm_dist.common.distributed import DistEnv, dist_env, select_device
-from pgm_dist.common.errors import ConfigError
+from pgm_dist.common.errors import ConfigError, DataError
 from pgm_dist.common.zero import zero_stage
 from pgm_dist.data.default import default_data
 from pgm_dist.data.loader import TrainLoader
@@ -83,7 +83,14 @@ def check_before_launch(cfg: TrainConfig, world_sizes: list[int], device: torch.
     """What :func:`prepare` would reject at any of ``world_sizes``, checked where the job is submitted
     (raises ``USER_ERRORS``; starts nothing)."""
     if cfg.data:
-        preset_for_data(cfg, DataFolder.open(Path(cfg.data)))  # the data exists and suits --model
+        folder = DataFolder.open(Path(cfg.data))
+        preset_for_data(cfg, folder)  # the data exists and suits --model
+        if not cfg.train_shards:  # the loader's own rule (TrainLoader), for the largest world size
+            shards, needed = folder.meta.train.shards, max(world_sizes) * max(cfg.loader_workers, 1)
+            if shards < needed:
+                raise DataError(f"{folder.path} has {shards} train shards; the job may get {max(world_sizes)} ranks "
+                                f"x {max(cfg.loader_workers, 1)} loader workers, which need at least {needed}: "
+                                "rebuild with a smaller --samples-per-shard, use fewer loader workers or nodes")
     ds_config = run_ds_config(cfg, 1, device)
     batch, micro = ds_config["train_batch_size"], ds_config["train_micro_batch_size_per_gpu"]
     allowed = allowed_world_sizes(batch, micro)

@@ -5,6 +5,7 @@ launcher's in-job task (:class:`pgm_dist.cluster.job.JobTask`, submitted by
 user can cause is raised by ``prepare`` before any distributed work starts."""
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
@@ -14,6 +15,7 @@ from pgm_dist.checkpoints.universal import prepare_universal
 from pgm_dist.common.cli import run_cli
 from pgm_dist.common.distributed import init_process_group, release_shared_memory
 from pgm_dist.common.files import write_json_atomic
+from pgm_dist.common.provenance import code_change, code_version
 from pgm_dist.common.seeding import sample_seed
 from pgm_dist.common.zero import full_numel, zero_stage
 from pgm_dist.data.loader import ValidationLoader
@@ -134,8 +136,12 @@ def announce(loop: TrainingLoop, setup: Setup) -> None:
     if not env.is_main:
         return
     setup.out.mkdir(parents=True, exist_ok=True)
+    code = code_version()
+    previous = setup.out / "config.json"
+    if previous.is_file() and (warning := code_change(json.loads(previous.read_text()).get("code"), code)):
+        print(warning)
     write_json_atomic(setup.out / "config.json", {
-        "train": cfg.to_dict(), "model": setup.model_config.to_dict(), "ds_config": setup.ds_config,
+        "code": code, "train": cfg.to_dict(), "model": setup.model_config.to_dict(), "ds_config": setup.ds_config,
         "data": str(setup.folder.path), "world_size": env.world_size,
         "batch": {"global": engine.global_batch, "micro": engine.micro_batch, "accumulation": engine.accum},
         "model_state_bytes_per_rank": memory})

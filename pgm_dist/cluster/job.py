@@ -17,6 +17,7 @@ import submitit
 from submitit.core.job_environment import SignalHandler
 from submitit.core.utils import DelayedSubmission
 
+from pgm_dist.common.files import no_group_or_world_write
 from pgm_dist.distillation.config import parse_distill_config
 from pgm_dist.distillation.task import prepare_distillation
 from pgm_dist.distillation.teacher import find_teacher
@@ -115,6 +116,7 @@ class JobTask:
 
     def __call__(self) -> str:
         started = time.time()
+        no_group_or_world_write()
         # The job's own ranks win over torch variables the submitting shell may have exported.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         entry = entries()[self.entry]

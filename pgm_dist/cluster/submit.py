@@ -20,6 +20,7 @@ import torch
 from pgm_dist.checkpoints.format import complete_checkpoints, read_state
 from pgm_dist.cluster.job import JobTask, entries, slurm_seconds
 from pgm_dist.common.cli import run_cli
+from pgm_dist.common.files import no_group_or_world_write
 
 # Set in the batch script for every task: Python tracebacks of every thread on a fatal signal,
 # NCCL warnings, and NCCL errors raised in the rank instead of hanging it (keeps a user's value).
@@ -297,6 +298,7 @@ def followup(args: argparse.Namespace, job) -> str:
 
 
 def main(argv: list[str]) -> int:
+    no_group_or_world_write()  # the job folder and its logs
     args, train_argv = parse_args(argv)
     return run_cli(lambda: check_and_submit(args, train_argv))
 

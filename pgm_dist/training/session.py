@@ -14,7 +14,7 @@ from pgm_dist.checkpoints.saver import Checkpointer
 from pgm_dist.checkpoints.universal import prepare_universal
 from pgm_dist.common.cli import run_cli
 from pgm_dist.common.distributed import init_process_group, release_shared_memory
-from pgm_dist.common.files import write_json_atomic
+from pgm_dist.common.files import no_group_or_world_write, write_json_atomic
 from pgm_dist.common.provenance import code_change, code_version
 from pgm_dist.common.seeding import sample_seed
 from pgm_dist.common.zero import full_numel, zero_stage
@@ -172,6 +172,7 @@ def summarize(loop: TrainingLoop, setup: Setup, status: str) -> None:
 def launch(cfg: TrainConfig, prepare=prepare) -> int:
     """A ``deepspeed`` entry's body after parsing: exit status 2 with the message on a user error
     (every one is raised while preparing, before any distributed work)."""
+    no_group_or_world_write()
     prepared = []
     status = run_cli(lambda: prepared.append(prepare_process(cfg, prepare)))
     if prepared:

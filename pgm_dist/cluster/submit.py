@@ -112,15 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Launcher options, and the training options after ``--``."""
-    split = argv.index("--") if "--" in argv else len(argv)
-    parser = build_parser()
-    args = parser.parse_args(argv[:split])
-    args.train_argv = argv[split + 1:]
-    args.job_dir = args.job_dir or Path("runs") / args.name
-    if args.tasks_per_node is None:
-        args.tasks_per_node = args.gpus_per_node or 1
+def breaks_line(text: str) -> bool:
+    """A value that would end its line of the batch script (and run the rest as shell commands)."""
+    return any(c in text for c in "\n\r\0")
+
+
+def option_problems(args: argparse.Namespace) -> list[str]:
+    """Every launcher option that cannot work, as one message each (parse_args reports them together)."""
     problems = []
     if args.tasks_per_node < 1 or args.gpus_per_node < 0:
         problems.append("--tasks-per-node must be >= 1 and --gpus-per-node >= 0")
@@ -138,18 +136,31 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         problems.append(f"--cpus-per-task must be >= 1, got {args.cpus_per_task}")
     for option, value in (("--name", args.name), ("--partition", args.partition), ("--account", args.account),
                           ("--qos", args.qos), ("--constraint", args.constraint), ("--job-dir", str(args.job_dir))):
-        if value is not None and any(c in value for c in "\n\r\0"):
+        if value is not None and breaks_line(value):
             problems.append(f"{option} {value!r} holds a line break or NUL, which would end its #SBATCH line "
                             "and run the rest as shell commands")
     for item in args.env:
         key, eq, value = item.partition("=")
         if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             problems.append(f"--env {item!r}: give KEY=VALUE with KEY a shell variable name")
-        elif any(c in value for c in "\n\r\0"):
+        elif breaks_line(value):
             problems.append(f"--env {key}: the value holds a line break or NUL")
     for line in args.setup:
-        if any(c in line for c in "\n\r\0"):
+        if breaks_line(line):
             problems.append(f"--setup {line!r}: one shell line per --setup (no line break or NUL)")
+    return problems
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Launcher options, and the training options after ``--``."""
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv[:split])
+    args.train_argv = argv[split + 1:]
+    args.job_dir = args.job_dir or Path("runs") / args.name
+    if args.tasks_per_node is None:
+        args.tasks_per_node = args.gpus_per_node or 1
+    problems = option_problems(args)
     if args.exclusive is None:
         args.exclusive = bool(args.gpus_per_node)
     if args.local and args.nodes != NodeRange(1, 1):

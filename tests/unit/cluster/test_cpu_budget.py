@@ -3,15 +3,13 @@ executable on PATH here, answering as sinfo does), passed to srun, and shown in 
 import pytest
 
 from pgm_dist.cluster.submit import cpu_budget, node_cpus, parse_args, sbatch_script
+from tests.helpers.executables import install
 
 
 @pytest.fixture
 def sinfo(tmp_path, monkeypatch):
-    def install(body: str):
-        (tmp_path / "sinfo").write_text(f"#!/bin/sh\n{body}\n")
-        (tmp_path / "sinfo").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
-    return install
+    return lambda body: install(tmp_path, "sinfo", body)
 
 
 def test_node_cpus_is_the_smallest_node_of_the_partition(sinfo):

@@ -4,6 +4,7 @@ import pytest
 
 from pgm_dist.cluster.job import JobTask
 from pgm_dist.cluster.submit import LaunchError, parse_args, submit
+from tests.helpers.executables import install
 
 REFUSAL = "sbatch: error: Batch job submission failed: Invalid partition name specified"
 
@@ -11,10 +12,8 @@ REFUSAL = "sbatch: error: Batch job submission failed: Invalid partition name sp
 @pytest.fixture
 def refusing_slurm(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     for name, body in (("sbatch", f'echo "{REFUSAL}" >&2\nexit 1'), ("srun", "exit 0")):
-        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
-        (bin_dir / name).chmod(0o755)
+        install(bin_dir, name, body)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     return tmp_path
 

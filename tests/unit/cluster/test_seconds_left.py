@@ -6,12 +6,11 @@ import time
 import pytest
 
 from pgm_dist.cluster.job import seconds_left
+from tests.helpers.executables import install
 
 
 def _squeue(folder, body: str) -> None:
-    script = folder / "squeue"
-    script.write_text("#!/bin/sh\n" + body + "\n")
-    script.chmod(0o755)
+    install(folder, "squeue", body)
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from submitit.core.utils import DelayedSubmission
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pgm_dist.cluster.submit import JOB_CHECKPOINTS
 from tests.helpers.slurm_cluster import SlurmCluster, missing
 from tests.helpers.training import REPO, module_weights, scalar_events, scalars
 
@@ -118,7 +119,8 @@ def test_distill_entry_runs_two_rounds_on_two_slurm_nodes(cluster, reference, da
     monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
     before = cluster.job_ids()
     assert _submit_main()([*args, "--dry-run", "--", *distill]) == 0
-    assert f"#   --no-progress {' '.join(distill)} --out {tmp_path / 'train'} --resume auto\n" in capsys.readouterr().out
+    assert (f"#   --no-progress {' '.join(JOB_CHECKPOINTS)} {' '.join(distill)} --out {tmp_path / 'train'} "
+            "--resume auto\n") in capsys.readouterr().out
     assert cluster.job_ids() == before
 
     job = submit([*args, "--", *distill], cluster)

@@ -28,8 +28,8 @@ from pgm_dist.distillation.objective import SDTTObjective
 from pgm_dist.distillation.teacher import find_teacher, initial_weights
 from pgm_dist.evaluation.gen_ppl import sample_quality
 from pgm_dist.models.config import ModelConfig
-from pgm_dist.training.components import Task
-from pgm_dist.training.setup import Setup, prepare
+from pgm_dist.training.components import Setup, Task
+from pgm_dist.training.setup import prepare
 
 
 def student_weights(engine, source: str) -> dict[str, torch.Tensor]:

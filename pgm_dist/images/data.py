@@ -24,7 +24,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -45,10 +45,7 @@ from pgm_dist.data.shards import (
     reuse_or_reset,
     token_dtype,
 )
-from pgm_dist.images.vq import VQConfig, load_vq
-
-if TYPE_CHECKING:
-    from pgm_dist.images.vq import VQConfig, VQModel
+from pgm_dist.images.vq import VQConfig, VQModel, load_vq
 
 VAL_EVERY = 10  # picture i goes to validation when i % VAL_EVERY == 0
 ORDER_SEED = 0

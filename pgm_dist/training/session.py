@@ -21,10 +21,11 @@ from pgm_dist.common.zero import full_numel, zero_stage
 from pgm_dist.data.loader import ValidationLoader
 from pgm_dist.images.pictures import grid_array, pixel_decoder, sample_pictures, save_grid
 from pgm_dist.sampling import generate
+from pgm_dist.training.components import Setup
 from pgm_dist.training.config import TrainConfig
 from pgm_dist.training.engine import Engine
 from pgm_dist.training.loop import LoopParts, TrainingLoop, TrainState
-from pgm_dist.training.setup import Setup, codec_sha256, prepare, prepare_process
+from pgm_dist.training.setup import codec_sha256, prepare, prepare_process
 from pgm_dist.training.writer import make_writer
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,26 +18,8 @@ from pgm_dist.data.loader import TrainLoader
 from pgm_dist.data.shards import DataFolder
 from pgm_dist.data.tokenizer import Tokenizer
 from pgm_dist.models.config import IMAGE_PRESETS, ModelConfig
-from pgm_dist.training.components import Task
+from pgm_dist.training.components import Setup
 from pgm_dist.training.config import TrainConfig, resolve_ds_config
-
-
-@dataclass
-class Setup:
-    """Everything decided before any distributed work."""
-    cfg: TrainConfig
-    env: DistEnv
-    device: torch.device
-    folder: DataFolder
-    tokenizer: Tokenizer | None  # None for image data (codes are decoded to pixels, not text)
-    model_config: ModelConfig
-    ds_config: dict
-    train_loader: TrainLoader
-    resume_from: Path | None
-    universal: bool
-    out: Path
-    launch: dict = field(default_factory=dict)  # who started this process (SLURM job id, nodes), logged at start
-    task: Task = field(default_factory=Task)
 
 
 def codec_sha256(folder: DataFolder, tokenizer: Tokenizer | None) -> str:

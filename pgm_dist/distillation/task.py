@@ -26,7 +26,7 @@ from pgm_dist.common.seeding import sample_seed
 from pgm_dist.distillation.config import DistillConfig
 from pgm_dist.distillation.objective import SDTTObjective
 from pgm_dist.distillation.teacher import find_teacher, initial_weights
-from pgm_dist.evaluation.gen_ppl import sample_quality
+from pgm_dist.evaluation.gen_ppl import load_evaluator, sample_quality
 from pgm_dist.models.config import ModelConfig
 from pgm_dist.training.components import Setup, Task
 from pgm_dist.training.setup import prepare
@@ -148,8 +148,6 @@ def prepare_distillation(cfg: DistillConfig, env: DistEnv, device: torch.device)
     init = None if setup.resume_from is not None else initial_weights(teacher, cfg.init_from)
     evaluator = None
     if cfg.eval_model is not None:
-        from pgm_dist.evaluation.gen_ppl import load_evaluator
-
         if env.is_main:  # only rank 0 samples and scores; the others check the folder exists
             evaluator = load_evaluator(cfg.eval_model, device)
         elif not Path(cfg.eval_model).is_dir():

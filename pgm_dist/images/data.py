@@ -45,7 +45,7 @@ from pgm_dist.data.shards import (
     reuse_or_reset,
     token_dtype,
 )
-from pgm_dist.images.vq import VQConfig, VQModel, load_vq
+from pgm_dist.images.vq import VQConfig, VQModel, load_vq, save_vq
 
 VAL_EVERY = 10  # picture i goes to validation when i % VAL_EVERY == 0
 ORDER_SEED = 0
@@ -207,8 +207,6 @@ def build_images(out: Path, source: ImageSource, samples_per_shard: int | None =
     if reused is not None:
         return reused
     if source.vq_model is not None:
-        from pgm_dist.images.vq import save_vq
-
         save_vq(source.vq_model, out / VQ_FILE)
 
     per_shard, reason = samples_per_shard_for(len(train), samples_per_shard, "pictures")

@@ -11,19 +11,24 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, NoReturn
 
 import submitit
 from submitit.core.job_environment import SignalHandler
 from submitit.core.utils import DelayedSubmission
 
+from pgm_dist.common.errors import USER_ERRORS, UserError
 from pgm_dist.common.files import no_group_or_world_write
+from pgm_dist.data.shards import DataFolder
 from pgm_dist.distillation.config import parse_distill_config
 from pgm_dist.distillation.task import prepare_distillation
 from pgm_dist.distillation.teacher import find_teacher
+from pgm_dist.models.config import ModelConfig
 from pgm_dist.training.config import parse_train_config
+from pgm_dist.training.loop import StopFlag
 from pgm_dist.training.session import run
-from pgm_dist.training.setup import check_before_launch, prepare_process
+from pgm_dist.training.setup import check_before_launch, prepare_process, preset_for_data
 
 SLURM_EARLY_WARNING_S = 60
 
@@ -34,7 +39,8 @@ class Entry:
     parse: Callable  # argv -> config (argparse errors exit with status 2)
     check: Callable  # (config, world sizes the job may get, device) -> None; raises USER_ERRORS
     prepare: Callable  # config -> Setup of this process (raises USER_ERRORS)
-    run: Callable  # Setup -> "finished" | "preempted"
+    run: Callable  # Setup -> "finished" | "preempted" | "stopped"
+    model_config: Callable  # config -> the ModelConfig it trains, None when not known before the job
 
 
 def entries() -> dict[str, Entry]:
@@ -44,9 +50,15 @@ def entries() -> dict[str, Entry]:
         find_teacher(cfg.teacher)  # the rest of the teacher's checks need its data, read in the job
         check_before_launch(cfg, world_sizes, device)
 
-    return {"train": Entry(parse_train_config, check_before_launch, prepare_process, run),
+    def trained_model(cfg) -> ModelConfig | None:
+        return preset_for_data(cfg, DataFolder.open(Path(cfg.data))) if cfg.data else None
+
+    def student(cfg) -> ModelConfig:
+        return ModelConfig.from_dict(find_teacher(cfg.teacher).info["model_config"])
+
+    return {"train": Entry(parse_train_config, check_before_launch, prepare_process, run, trained_model),
             "distill": Entry(parse_distill_config, check_distillation,
-                             lambda cfg: prepare_process(cfg, prepare_distillation), run)}
+                             lambda cfg: prepare_process(cfg, prepare_distillation), run, student)}
 
 
 def slurm_seconds(text: str) -> int | None:
@@ -101,9 +113,33 @@ class RequeueAfterSave(SignalHandler):
         return timed_out
 
 
-def launch_info() -> dict:
+def launch_info(signal_delay_s: int) -> dict:
     env = submitit.JobEnvironment()
-    return {"job_id": env.job_id, "nodes": ",".join(env.hostnames), "num_nodes": env.num_nodes}
+    return {"job_id": env.job_id, "nodes": ",".join(env.hostnames), "num_nodes": env.num_nodes,
+            "signal_delay_s": signal_delay_s}
+
+
+# The batch script names, per job and restart, the file where rank 0 writes how the run ended; the
+# retry decision after the tasks exit (:mod:`pgm_dist.cluster.retry`) reads it.
+END_FILE_VARIABLE = "PGM_END_FILE"
+
+
+def record_end(status: str) -> None:
+    """Rank 0: how this (re)start ended ("finished", "preempted", "stopped", "user_error"), for the
+    batch script's retry decision. No file (a crash, a killed rank) means the job failed."""
+    path = os.environ.get(END_FILE_VARIABLE)
+    if path and int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0"))) == 0:
+        try:
+            Path(path).write_text(status + "\n")
+        except OSError as err:
+            print(f"could not record how the job ended in {path}: {err}", file=sys.stderr, flush=True)
+
+
+def user_error(err: Exception) -> NoReturn:
+    """Exit 2 with the message: never retried, the same options would fail the same way."""
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    record_end("user_error")
+    sys.exit(2)
 
 
 @dataclass(frozen=True)
@@ -116,13 +152,23 @@ class JobTask:
 
     def __call__(self) -> str:
         started = time.time()
+        # Before anything slow: a stop signal during start-up is kept for the loop (which then requeues
+        # or stops without training) instead of reaching submitit's handlers.
+        StopFlag.installed()
         no_group_or_world_write()
         # The job's own ranks win over torch variables the submitting shell may have exported.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         entry = entries()[self.entry]
-        setup = entry.prepare(entry.parse(list(self.argv)))
-        setup.launch = launch_info()
-        status = entry.run(setup)
+        try:
+            setup = entry.prepare(entry.parse(list(self.argv)))
+        except USER_ERRORS as err:
+            user_error(err)
+        setup.launch = launch_info(self.signal_delay_s)
+        try:
+            status = entry.run(setup)
+        except UserError as err:  # rank 0 refused the start: another live job holds the run folder
+            user_error(err)
+        record_end(status)
         if status == "preempted":  # SIGUSR2, saved on every rank: now requeue (rank 0; the others return)
             RequeueAfterSave(started, self.signal_delay_s).checkpoint_and_try_requeue(signal.SIGUSR2)
         else:

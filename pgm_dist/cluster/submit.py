@@ -18,9 +18,13 @@ from pathlib import Path
 import torch
 
 from pgm_dist.checkpoints.format import complete_checkpoints, read_state
-from pgm_dist.cluster.job import JobTask, entries, slurm_seconds
+from pgm_dist.checkpoints.saver import checkpoint_bytes
+from pgm_dist.cluster import retry
+from pgm_dist.cluster.job import END_FILE_VARIABLE, JobTask, entries, slurm_seconds
 from pgm_dist.common.cli import run_cli
 from pgm_dist.common.files import no_group_or_world_write
+from pgm_dist.models import build_model, count_parameters
+from pgm_dist.training.lease import check_lease
 
 # Set in the batch script for every task: Python tracebacks of every thread on a fatal signal,
 # NCCL warnings, and NCCL errors raised in the rank instead of hanging it (keeps a user's value).
@@ -36,24 +40,70 @@ class LaunchError(ValueError):
 
 @dataclass(frozen=True)
 class NodeRange:
+    """``--nodes``: N, a range MIN-MAX, or (SLURM 23.02 and newer) a list of counts."""
     low: int
     high: int
+    sizes: tuple[int, ...] | None = None  # a list: only these counts
 
     def __str__(self) -> str:
+        if self.sizes:
+            return ",".join(map(str, self.sizes))
         return str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
+
+    @property
+    def counts(self) -> list[int]:
+        return list(self.sizes) if self.sizes else list(range(self.low, self.high + 1))
+
+    @property
+    def elastic(self) -> bool:
+        return self.low != self.high
 
 
 def parse_nodes(text: str) -> NodeRange:
-    """``N`` or ``MIN-MAX`` (SLURM starts the job on any count in the range)."""
+    """``N``, ``MIN-MAX`` (SLURM starts the job on any count in the range) or ``N1,N2,...`` (only
+    those counts; SLURM 23.02 and newer)."""
+    if re.fullmatch(r"\s*\d+(\s*,\s*\d+)+\s*", text):
+        sizes = tuple(sorted({int(part) for part in text.split(",")}))
+        if sizes[0] < 1:
+            raise argparse.ArgumentTypeError(f"--nodes {text!r}: a job needs at least one node")
+        return NodeRange(sizes[0], sizes[-1], sizes if len(sizes) > 1 else None)
     match = re.fullmatch(r"(\d+)(?:-(\d+))?", text.strip())
     if not match:
-        raise argparse.ArgumentTypeError(f"--nodes {text!r}: give a node count N or a range MIN-MAX, e.g. 4-8")
+        raise argparse.ArgumentTypeError(f"--nodes {text!r}: give a node count N, a range MIN-MAX (e.g. 4-8) or a "
+                                         "list of counts (e.g. 4,8)")
     low, high = int(match[1]), int(match[2] or match[1])
     if low < 1:
         raise argparse.ArgumentTypeError(f"--nodes {text!r}: a job needs at least one node")
     if high < low:
         raise argparse.ArgumentTypeError(f"--nodes {text!r}: the range is empty (MIN must be <= MAX, e.g. 2-5)")
     return NodeRange(low, high)
+
+
+# The first SLURM release whose -N/--nodes takes a list of node counts.
+NODE_LIST_SLURM = (23, 2)
+
+
+def slurm_version(timeout_s: float = 20) -> tuple[int, int] | None:
+    """(major, minor) of ``sbatch --version`` ("slurm 22.05.8" -> (22, 5)); None when unknown."""
+    try:
+        out = subprocess.run(["sbatch", "--version"], capture_output=True, text=True, timeout=timeout_s,
+                             check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"(\d+)\.(\d+)", out)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def check_node_list(args: argparse.Namespace) -> None:
+    """A list of node counts needs SLURM 23.02 or newer: a LaunchError that says what to use instead."""
+    if not args.nodes.sizes:
+        return
+    version = slurm_version()
+    if version is None or version < NODE_LIST_SLURM:
+        found = "an unknown SLURM version" if version is None else f"SLURM {version[0]}.{version[1]:02d}"
+        raise LaunchError(f"--nodes {args.nodes}: a list of node counts needs SLURM 23.02 or newer, and sbatch "
+                          f"here is {found}; give a range instead, e.g. --nodes {args.nodes.low}-{args.nodes.high} "
+                          "(the global batch must then divide by every world size in the range)")
 
 
 def parse_minutes(text: str) -> int:
@@ -75,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(or run the same job as local processes with --local). Everything after -- goes to "
                     "the training entry point unchanged.")
     add = parser.add_argument
-    add("--nodes", type=parse_nodes, default=NodeRange(1, 1), help="node count N or range MIN-MAX (default: 1)")
+    add("--nodes", type=parse_nodes, default=NodeRange(1, 1),
+        help="node count N, range MIN-MAX, or list N1,N2 (SLURM 23.02+) (default: 1)")
     add("--gpus-per-node", type=int, default=8, help="GPUs per node, one task per GPU; 0 for CPU nodes (default: 8)")
     add("--tasks-per-node", type=int, default=None, help="tasks (ranks) per node (default: --gpus-per-node, or 1)")
     add("--cpus-per-task", type=int, default=None,
@@ -94,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
              "save (default: 120)")
     add("--max-requeues", type=int, default=3,
         help="requeues after a time-out (preemptions requeue without limit; default: 3)")
+    add("--max-retries", type=int, default=2,
+        help="requeues after a crash (a rank that dies, a lost node); a user error (exit 2) is never retried "
+             "(default: 2)")
     add("--name", default="pgm", help="job name (default: pgm)")
     add("--job-dir", type=Path, default=None,
         help="submitit logs (JOB_DIR/logs) and the training output (JOB_DIR/train) (default: runs/NAME)")
@@ -125,8 +179,8 @@ def option_problems(args: argparse.Namespace) -> list[str]:
     if args.gpus_per_node and args.tasks_per_node != args.gpus_per_node:
         problems.append(f"one task per GPU: --tasks-per-node {args.tasks_per_node} must equal --gpus-per-node "
                         f"{args.gpus_per_node} (use --gpus-per-node 0 for CPU nodes)")
-    if args.signal_delay < 1 or args.max_requeues < 0:
-        problems.append("--signal-delay must be >= 1 second and --max-requeues >= 0")
+    if args.signal_delay < 1 or args.max_requeues < 0 or args.max_retries < 0:
+        problems.append("--signal-delay must be >= 1 second, --max-requeues and --max-retries >= 0")
     if args.signal_delay >= args.time * 60:
         problems.append(f"--signal-delay {args.signal_delay} s leaves no time to train within --time "
                         f"{args.time} min")
@@ -171,7 +225,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def world_sizes(args: argparse.Namespace) -> list[int]:
-    return [n * args.tasks_per_node for n in range(args.nodes.low, args.nodes.high + 1)]
+    return [n * args.tasks_per_node for n in args.nodes.counts]
 
 
 def job_argv(args: argparse.Namespace, cfg) -> tuple[str, ...]:
@@ -228,14 +282,12 @@ def slurm_parameters(args: argparse.Namespace) -> dict:
               # A rank that dies ends the step at once, instead of leaving the others in a collective
               # until the process-group timeout.
               "srun_args": ["--kill-on-bad-exit=1"],
-              "setup": [f"export {key}={value}" for key, value in JOB_ENVIRONMENT.items()] + [
-                  f"export {key}={shlex.quote(value)}" for key, _, value in (i.partition("=") for i in args.env)
-              ] + list(args.setup)}
+              "setup": batch_lines(args)}
     if args.exclusive:
         params["additional_parameters"]["exclusive"] = True
-    if args.nodes.high != args.nodes.low:
+    if args.nodes.elastic:
         # With --ntasks-per-node in the header SLURM counts the tasks from MIN and grants MIN nodes; without
-        # it, it grants as many whole nodes of the range as are free, and srun starts the tasks on each.
+        # it, it grants as many whole nodes of the range (or list) as are free, and srun starts the tasks on each.
         params["additional_parameters"].update(nodes=str(args.nodes), exclusive=True)
         params["srun_args"].append(f"--ntasks-per-node={params.pop('ntasks_per_node')}")
     if args.gpus_per_node:
@@ -250,6 +302,24 @@ def slurm_parameters(args: argparse.Namespace) -> dict:
         if getattr(args, name) is not None:
             params[name] = getattr(args, name)
     return params
+
+
+def batch_lines(args: argparse.Namespace) -> list[str]:
+    """The batch script's lines before ``srun``: the job's environment, the retry decision after the
+    tasks exit (:mod:`pgm_dist.cluster.retry`, run from an EXIT trap; SIGTERM to the batch script marks
+    a job SLURM stopped, which is never retried), then the user's ``--env`` and ``--setup``."""
+    logs = shlex.quote(str(logs_folder(args)))
+    after_tasks = (f"pgm_after_tasks() {{ rc=$?; {shlex.quote(sys.executable)} {shlex.quote(retry.__file__)} "
+                   f"--logs {logs} --rc \"$rc\" --max-retries {args.max_retries} ${{PGM_SIGNALLED:+--signalled}}; "
+                   'exit "$rc"; }')
+    return [*(f"export {key}={value}" for key, value in JOB_ENVIRONMENT.items()),
+            f'export {END_FILE_VARIABLE}={logs}/"${{SLURM_JOB_ID}}_${{SLURM_RESTART_COUNT:-0}}_end"',
+            f'rm -f "${END_FILE_VARIABLE}"',
+            "trap 'PGM_SIGNALLED=1' TERM",
+            after_tasks,
+            "trap pgm_after_tasks EXIT",
+            *(f"export {key}={shlex.quote(value)}" for key, _, value in (i.partition("=") for i in args.env)),
+            *args.setup]
 
 
 def logs_folder(args: argparse.Namespace) -> Path:
@@ -374,6 +444,82 @@ def cpu_budget(args: argparse.Namespace) -> str:
             "pin-memory thread")
 
 
+# What one checkpoint takes per model parameter, when the folder holds none yet to measure: the weights
+# (2-4 bytes), fp32 master weights and Adam's two moments (12), the EMA (4).
+CHECKPOINT_BYTES_PER_PARAMETER = 20
+# Folders that are never shared between nodes, nor kept across a requeue on another node.
+TEMPORARY_FOLDERS = ("/tmp", "/var/tmp", "/dev/shm")
+# File systems local to one machine (a network file system is what a multi-node job needs).
+LOCAL_FILE_SYSTEMS = {"tmpfs", "ramfs", "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "overlay", "vfat"}
+
+
+def file_system_type(path: Path, mounts: str | None = None) -> str | None:
+    """The type of the file system ``path`` is on (the longest mount point above it, from /proc/mounts)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    best, kind = "", None
+    target = str(path)
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def is_temporary(path: Path, kind: str | None) -> bool:
+    return kind in ("tmpfs", "ramfs") or any(path == Path(t) or Path(t) in path.parents for t in TEMPORARY_FOLDERS)
+
+
+def storage_problems(args: argparse.Namespace, mounts: str | None = None) -> tuple[list[str], list[str]]:
+    """(refusals, warnings) about where a SLURM job keeps its folder and finds its Python: the job runs
+    on other machines than the login node, and a requeue may land on another node."""
+    if args.local:
+        return [], []
+    refusals, warnings = [], []
+    job_dir = args.job_dir.absolute().resolve()
+    kind = file_system_type(job_dir, mounts)
+    if is_temporary(job_dir, kind):
+        refusals.append(f"--job-dir {job_dir} is on a temporary file system ({kind or 'tmp'}): the other nodes "
+                        "do not see it and it may be wiped; put the job folder on a shared file system")
+    elif kind in LOCAL_FILE_SYSTEMS:
+        warnings.append(f"warning: --job-dir {job_dir} is on a {kind} file system, usually local to this machine: "
+                        "every node of the job (and of a requeue) must see the same folder")
+    prefix = Path(sys.prefix).resolve()
+    kind = file_system_type(prefix, mounts)
+    if is_temporary(prefix, kind) or kind in LOCAL_FILE_SYSTEMS:
+        warnings.append(f"warning: the Python environment {prefix} is on a {kind or 'temporary'} file system: the "
+                        "job's nodes must find the same environment at the same path")
+    return refusals, warnings
+
+
+def checkpoint_room(args: argparse.Namespace, cfg, model_config) -> str | None:
+    """Why the job folder's disk cannot hold the checkpoints the run keeps (``--keep-last`` and the one
+    being written); None when it can, or nothing is known yet. A checkpoint already in the folder is
+    measured; else the size is estimated from the model's parameters."""
+    measured = checkpoint_bytes(Path(cfg.out) / "checkpoints")
+    if measured is None:
+        if model_config is None:
+            return None
+        with torch.device("meta"):
+            parameters = count_parameters(build_model(model_config))
+        measured = CHECKPOINT_BYTES_PER_PARAMETER * parameters
+    existing = next(p for p in [args.job_dir.absolute(), *args.job_dir.absolute().parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    needed = (cfg.keep_last + 1) * measured
+    if free >= needed:
+        return None
+    return (f"the job folder's disk has {free / 2**30:.2f} GiB free; the run keeps {cfg.keep_last} checkpoints "
+            f"(--keep-last) and writes one more, about {measured / 2**30:.2f} GiB each: free space, lower --keep-last "
+            "or choose another --job-dir")
+
+
 def check_and_submit(args, train_argv: list[str]) -> None:
     """Everything :func:`main` checks before submitting, then the submission (nothing with --dry-run)."""
     entry = entries()[args.entry]
@@ -382,13 +528,25 @@ def check_and_submit(args, train_argv: list[str]) -> None:
     if args.dry_run:
         print(sbatch_script(args))
         print(budget)
+        if args.nodes.sizes:
+            print(f"# --nodes {args.nodes}: a list of node counts needs SLURM 23.02 or newer")
         print("# training options of every (re)start:\n#   " + " ".join(task.argv))
     cfg = entry.parse(list(task.argv))
+    check_lease(Path(cfg.out))  # another live job trains into this folder
     for line in check_job_folder(args, cfg):
         print(line)
     entry.check(cfg, world_sizes(args), check_device(args))
+    refusals, warnings = storage_problems(args)
+    if (short := checkpoint_room(args, cfg, entry.model_config(cfg))) is not None:
+        refusals.append(short)
+    for line in warnings:
+        print(line, file=sys.stderr)
+    if refusals:
+        raise LaunchError("; ".join(refusals))
     if args.dry_run:
         return
+    if not args.local:
+        check_node_list(args)
     job = submit(args, task)
     print(followup(args, job))
     if args.local:

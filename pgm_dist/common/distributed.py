@@ -89,6 +89,15 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (picklable; ``obj`` of the other ranks is ignored)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def shared_memory_buffers(addr: str | None = None, port: str | None = None) -> list[Path]:
     """The ``/dev/shm`` files of DeepSpeed's CPU all-reduce for this user at ``addr:port``
     (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, 67 MB each): DeepSpeed never

@@ -82,7 +82,8 @@ class DistillTask(Task):
             self.step_round = objective.round
             if not objective.round_ends_at(step):
                 return
-            self.evaluate_round(loop, setup, objective.round)
+            if not loop.stop_requested():  # a stop signal's save must not wait for the round's samples
+                self.evaluate_round(loop, setup, objective.round)
             if not objective.maybe_advance(step, lambda source: student_weights(engine, source)):
                 return
             # Here and only here: the step's checkpoint (saved after this hook) holds the reset state and

@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -27,6 +27,11 @@ from pgm_dist.models.flops import peak_flops, training_flops_per_token
 from pgm_dist.training.engine import Engine
 from pgm_dist.training.telemetry import GpuTelemetry
 from pgm_dist.training.writer import NullWriter
+
+# What the save budget check allows for ``scontrol requeue`` and the exit after a save, and the share of
+# --signal-delay that a step, a save and the requeue may take before rank 0 warns.
+REQUEUE_S = 10
+SAVE_BUDGET_SHARE = 0.75
 
 
 class NonFiniteError(RuntimeError):
@@ -63,6 +68,16 @@ class StopFlag:
         for sig in self.LEVELS:
             signal.signal(sig, self._handler)
 
+    @classmethod
+    def installed(cls) -> StopFlag:
+        """The flag whose handlers are installed now (a job installs it before its start-up, so a
+        signal that arrives while the model is built is kept for the loop), or a new one."""
+        handler = signal.getsignal(signal.SIGTERM)
+        flag = getattr(handler, "__self__", None)
+        if isinstance(flag, cls) and all(signal.getsignal(sig) == handler for sig in cls.LEVELS):
+            return flag
+        return cls()
+
     @property
     def raised(self) -> bool:
         return self.level > 0
@@ -79,7 +94,7 @@ class LoopParts:
     checkpointer: Checkpointer
     writer: NullWriter
     # (model with EMA weights, step) -> texts, or (image runs) a picture grid uint8 [H, W, 3]
-    sample: Callable[[torch.nn.Module, int], "list[str] | np.ndarray"]
+    sample: Callable[[torch.nn.Module, int], list[str] | np.ndarray]
     checkpoint_state: Callable[[TrainState], dict]  # pgm_state.json contents
     tokenizer_path: Path | None
     # Called with the completed step count right after each optimizer step, before that step's
@@ -100,7 +115,11 @@ class TrainingLoop:
         device = engine.device
         self.peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         self.telemetry = GpuTelemetry.for_device(device)
-        self.stop = StopFlag()
+        self.stop = StopFlag.installed()
+        # --signal-delay of a launcher job: a step, a save and the requeue must fit in it (warned once)
+        self.save_budget_s: float | None = None
+        self._step_s = 0.0  # the latest step's time
+        self._budget_warned = False
         self.last_texts: list[str] = []
         self._last_saved: int | None = None  # the step of the last checkpoint this process wrote or loaded
         self._consecutive_bad = 0  # non-finite steps in a row
@@ -145,8 +164,22 @@ class TrainingLoop:
                                         self.p.checkpoint_state(self.state), engine.ema.whole(),
                                         self.p.tokenizer_path, files)
         # What a preemption's save costs (SLURM's --signal-delay must cover a step and a save).
-        self.p.writer.scalars({"ckpt/save_s": time.perf_counter() - start}, self.state.step, self.state.tokens_seen)
+        seconds = time.perf_counter() - start
+        self.p.writer.scalars({"ckpt/save_s": seconds}, self.state.step, self.state.tokens_seen)
+        self._check_save_budget(seconds)
         return path
+
+    def _check_save_budget(self, save_s: float) -> None:
+        """Rank 0 warns (once) when a step, a save and the requeue take most of ``save_budget_s``: a
+        time-limit warning could then not be answered before SLURM kills the job."""
+        if self.save_budget_s is None or self._budget_warned or not self.env.is_main:
+            return
+        needed = self._step_s + save_s + REQUEUE_S
+        if needed > SAVE_BUDGET_SHARE * self.save_budget_s:
+            self._budget_warned = True
+            tqdm.write(f"warning: a step ({self._step_s:.1f} s) + a checkpoint save ({save_s:.1f} s) + the requeue "
+                       f"(~{REQUEUE_S} s) take {needed:.0f} s of the {self.save_budget_s:.0f} s between SLURM's "
+                       "time-limit warning and its kill: submit with a larger --signal-delay")
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> str:
@@ -159,9 +192,15 @@ class TrainingLoop:
         window = self._new_window()
         # A resumed run starts at the step of the checkpoint it loaded: never save that step again.
         self._last_saved, self._consecutive_bad = state.step or None, 0
+        stop = self.stop_requested()
+        if stop:  # a signal during start-up: back (or out) without training; nothing new to save
+            bar.close()
+            return StopFlag.STATUS[stop]
         try:
             while state.step < cfg.max_steps:
+                started = time.perf_counter()
                 result = engine.train_step(batches, state.step)
+                self._step_s = time.perf_counter() - started
                 self._count(result, window)
                 bar.update(1)
                 if state.step % cfg.log_every == 0:
@@ -213,6 +252,12 @@ class TrainingLoop:
             self._evaluate()
         if cfg.sample_every and step % cfg.sample_every == 0:
             self._sample()
+
+    def stop_requested(self) -> int:
+        """Collective: the strongest stop signal any rank has got (a :class:`StopFlag` level, 0: none),
+        for work that a stop should skip (an evaluation, distillation's round-end samples)."""
+        level = torch.tensor(float(self.stop.level), device=self.p.engine.device)
+        return int(all_reduce(level, "max").item())
 
     def _save_if_due(self) -> int:
         """Save when the step or time interval comes or any rank got a stop signal (one all-reduce

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+from pathlib import Path
 
 import torch
 
+from pgm_dist.checkpoints.format import find_resume_checkpoint
 from pgm_dist.checkpoints.saver import Checkpointer
 from pgm_dist.checkpoints.universal import prepare_universal
 from pgm_dist.common.cli import run_cli
-from pgm_dist.common.distributed import init_process_group, release_shared_memory
+from pgm_dist.common.distributed import broadcast_object, init_process_group, release_shared_memory
+from pgm_dist.common.errors import UserError
 from pgm_dist.common.files import no_group_or_world_write, write_json_atomic
 from pgm_dist.common.provenance import code_change, code_version
 from pgm_dist.common.seeding import sample_seed
@@ -24,8 +28,9 @@ from pgm_dist.sampling import generate
 from pgm_dist.training.components import Setup
 from pgm_dist.training.config import TrainConfig
 from pgm_dist.training.engine import Engine
+from pgm_dist.training.lease import RunFolderBusy, release_lease, take_lease
 from pgm_dist.training.loop import LoopParts, TrainingLoop, TrainState
-from pgm_dist.training.setup import codec_sha256, prepare, prepare_process
+from pgm_dist.training.setup import codec_sha256, prepare, prepare_process, with_resume
 from pgm_dist.training.writer import make_writer
 
 
@@ -39,6 +44,7 @@ def run(setup: Setup) -> str:
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     init_process_group(setup.device, setup.cfg.dist_timeout_min)
+    setup = agree_on_start(setup)
     loop = build_loop(setup)
     restore(loop, setup)
     announce(loop, setup)
@@ -47,8 +53,36 @@ def run(setup: Setup) -> str:
     finally:
         loop.p.writer.close()
     release_shared_memory(setup.env)
+    if status == "finished" and setup.env.is_main:
+        release_lease(setup.out)
     summarize(loop, setup, status)
     return status
+
+
+def agree_on_start(setup: Setup) -> Setup:
+    """Collective, first thing after the process group starts: rank 0 takes the run folder's lease
+    (:mod:`pgm_dist.training.lease`), then lists the checkpoints once more; every rank resumes from
+    rank 0's choice, never from its own listing (a checkpoint completing meanwhile, or a file system
+    that shows it late). Raises the same :class:`UserError` on every rank when rank 0 refuses (another
+    live job holds the folder)."""
+    env = setup.env
+    verdict = None
+    if env.is_main:
+        try:
+            take_lease(setup.out)
+            chosen = find_resume_checkpoint(setup.cfg.resume, setup.out / "checkpoints")
+            verdict = {"resume": None if chosen is None else str(chosen)}
+        except UserError as err:
+            verdict = {"refused": str(err), "busy": isinstance(err, RunFolderBusy)}
+    verdict = broadcast_object(verdict)
+    if "refused" in verdict:
+        raise (RunFolderBusy if verdict["busy"] else UserError)(verdict["refused"])
+    chosen = None if verdict["resume"] is None else Path(verdict["resume"])
+    if chosen == setup.resume_from:
+        return setup
+    print(f"rank {env.rank}: resuming from {chosen or 'the start'}, rank 0's choice (this rank found "
+          f"{setup.resume_from or 'no checkpoint'})", file=sys.stderr, flush=True)
+    return with_resume(setup, chosen)
 
 
 def build_loop(setup: Setup) -> TrainingLoop:
@@ -63,6 +97,7 @@ def build_loop(setup: Setup) -> TrainingLoop:
                       checkpointer, None, sampler(setup), lambda state: checkpoint_state(setup, state),
                       setup.tokenizer.path if setup.tokenizer else None)
     loop = TrainingLoop(parts, TrainState())
+    loop.save_budget_s = setup.launch.get("signal_delay_s")
     setup.task.attach(loop, setup)
     return loop
 
@@ -177,6 +212,10 @@ def launch(cfg: TrainConfig, prepare=prepare) -> int:
     prepared = []
     status = run_cli(lambda: prepared.append(prepare_process(cfg, prepare)))
     if prepared:
-        run(prepared[0])
+        try:
+            run(prepared[0])
+        except UserError as err:  # found once the process group started (agree_on_start), on every rank
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     return status
 

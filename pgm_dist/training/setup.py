@@ -2,6 +2,7 @@
 the checkpoint to resume from. Every error a user can cause is raised here."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -113,13 +114,7 @@ def prepare(cfg: TrainConfig, env: DistEnv, device: torch.device, model_config: 
     out = Path(cfg.out)
     resume_from = find_resume_checkpoint(cfg.resume, out / "checkpoints")
     ds_config = run_ds_config(cfg, env.world_size, device)
-    universal = False
-    if resume_from is not None:
-        saved = check_resume(resume_from, model_config, folder, tokenizer)
-        stage = zero_stage(ds_config)
-        universal = saved["world_size"] != env.world_size or saved["zero_stage"] != stage
-        if universal:
-            ds_config["checkpoint"] = {"load_universal": True}
+    universal = resume_plan(resume_from, model_config, folder, tokenizer, env, ds_config)
     train_loader = TrainLoader(
         cfg.train_shards or folder.train_sources, seq_len=meta.seq_len,
         micro_batch=ds_config["train_micro_batch_size_per_gpu"], rank=env.rank, world_size=env.world_size,
@@ -128,6 +123,29 @@ def prepare(cfg: TrainConfig, env: DistEnv, device: torch.device, model_config: 
         pin_memory=device.type == "cuda", labels=folder.is_image)
     return Setup(cfg, env, device, folder, tokenizer, model_config, ds_config, train_loader, resume_from,
                  universal, out)
+
+
+def resume_plan(resume_from: Path | None, model_config: ModelConfig, folder: DataFolder, tokenizer: Tokenizer | None,
+                env: DistEnv, ds_config: dict) -> bool:
+    """Check ``resume_from`` against the run; True when it must be loaded as a universal checkpoint
+    (another world size or ZeRO stage), which ``ds_config`` is then set up for."""
+    section = {k: v for k, v in ds_config.pop("checkpoint", {}).items() if k != "load_universal"}
+    universal = False
+    if resume_from is not None:
+        saved = check_resume(resume_from, model_config, folder, tokenizer)
+        universal = saved["world_size"] != env.world_size or saved["zero_stage"] != zero_stage(ds_config)
+    if universal:
+        section["load_universal"] = True
+    if section:
+        ds_config["checkpoint"] = section
+    return universal
+
+
+def with_resume(setup: Setup, resume_from: Path | None) -> Setup:
+    """``setup`` resuming from ``resume_from`` instead (rank 0's choice, see ``training.session``)."""
+    universal = resume_plan(resume_from, setup.model_config, setup.folder, setup.tokenizer, setup.env,
+                            setup.ds_config)
+    return dataclasses.replace(setup, resume_from=resume_from, universal=universal)
 
 
 def _limit_cpu_threads(env: DistEnv, device: torch.device) -> None:

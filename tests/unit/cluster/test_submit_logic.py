@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import shutil
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import pgm_dist.cluster.submit as submit_module
 from pgm_dist.cluster.job import SLURM_EARLY_WARNING_S, JobTask, entries, seconds_left, slurm_seconds
 from pgm_dist.cluster.submit import (
     LaunchError,
@@ -25,6 +28,7 @@ from pgm_dist.cluster.submit import (
     absolute_paths,
     check_device,
     check_job_folder,
+    check_node_list,
     followup,
     job_argv,
     logs_folder,
@@ -185,20 +189,64 @@ def test_node_range_prints_as_slurm_nodes_option(low, high, text):
     assert str(NodeRange(low, high)) == text
 
 
+BAD_NODES = "give a node count N, a range MIN-MAX (e.g. 4-8) or a list of counts (e.g. 4,8)"
+
+
 @pytest.mark.parametrize("text, message", [
     ("0", "--nodes '0': a job needs at least one node"),
+    ("0,4", "--nodes '0,4': a job needs at least one node"),
+    ("4,", "--nodes '4,': " + BAD_NODES),
+    ("4,8-9", "--nodes '4,8-9': " + BAD_NODES),
     ("0-2", "--nodes '0-2': a job needs at least one node"),
     ("5-2", "--nodes '5-2': the range is empty (MIN must be <= MAX, e.g. 2-5)"),
-    ("two", "--nodes 'two': give a node count N or a range MIN-MAX, e.g. 4-8"),
-    ("-3", "--nodes '-3': give a node count N or a range MIN-MAX, e.g. 4-8"),
-    ("2-", "--nodes '2-': give a node count N or a range MIN-MAX, e.g. 4-8"),
-    ("2..4", "--nodes '2..4': give a node count N or a range MIN-MAX, e.g. 4-8"),
-    ("", "--nodes '': give a node count N or a range MIN-MAX, e.g. 4-8"),
+    ("two", "--nodes 'two': " + BAD_NODES),
+    ("-3", "--nodes '-3': " + BAD_NODES),
+    ("2-", "--nodes '2-': " + BAD_NODES),
+    ("2..4", "--nodes '2..4': " + BAD_NODES),
+    ("", "--nodes '': " + BAD_NODES),
 ])
 def test_parse_nodes_rejects_bad_node_counts_with_a_clear_message(text, message):
     with pytest.raises(argparse.ArgumentTypeError) as err:
         parse_nodes(text)
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("text, counts, printed", [
+    ("4,8", [4, 8], "4,8"), ("8, 4", [4, 8], "4,8"), ("2,4,8", [2, 4, 8], "2,4,8"), ("4,4", [4], "4"),
+])
+def test_parse_nodes_reads_a_list_of_counts(text, counts, printed):
+    nodes = parse_nodes(text)
+    assert (nodes.counts, str(nodes), nodes.elastic) == (counts, printed, len(counts) > 1)
+
+
+def test_a_node_list_gives_only_its_world_sizes_and_the_sbatch_nodes_line():
+    args, _ = parse_args(["--nodes", "4,8", "--gpus-per-node", "8"])
+    assert world_sizes(args) == [32, 64]  # not 40, 48, 56 (which a range 4-8 would allow)
+    script = sbatch_script(args)
+    assert "#SBATCH --nodes=4,8\n" in script and "--ntasks-per-node=8" in script.split("srun")[1]
+
+
+@pytest.mark.parametrize("version, refused", [((22, 5), True), ((23, 2), False), ((24, 11), False), (None, True)])
+def test_a_node_list_needs_slurm_23_02(monkeypatch, version, refused):
+    monkeypatch.setattr(submit_module, "slurm_version", lambda: version)
+    args, _ = parse_args(["--nodes", "4,8"])
+    if not refused:
+        check_node_list(args)
+        return
+    with pytest.raises(LaunchError) as err:
+        check_node_list(args)
+    assert "a list of node counts needs SLURM 23.02 or newer" in str(err.value)
+    assert "--nodes 4-8" in str(err.value)  # what to use instead
+
+
+def test_slurm_version_reads_sbatch_version(tmp_path, monkeypatch):
+    fake = tmp_path / "sbatch"
+    fake.write_text("#!/bin/sh\necho 'slurm 22.05.8'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert submit_module.slurm_version() == (22, 5)
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    assert submit_module.slurm_version() is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,7 +310,7 @@ def test_parse_args_time_is_in_whole_minutes(argv, minutes):
 @pytest.mark.parametrize("argv, message", [
     (["--nodes", "0"], "argument --nodes: --nodes '0': a job needs at least one node"),
     (["--nodes", "5-2"], "the range is empty (MIN must be <= MAX, e.g. 2-5)"),
-    (["--nodes", "two"], "give a node count N or a range MIN-MAX"),
+    (["--nodes", "two"], "give a node count N, a range MIN-MAX"),
     (["--time", "ten"], "argument --time: --time: cannot read 'ten' as a SLURM time"),
     (["--time", "0"], "--time '0': give a finite, positive limit"),
     (["--time", "UNLIMITED"], "--time 'UNLIMITED': give a finite, positive limit"),
@@ -270,8 +318,9 @@ def test_parse_args_time_is_in_whole_minutes(argv, minutes):
      "one task per GPU: --tasks-per-node 2 must equal --gpus-per-node 4 (use --gpus-per-node 0 for CPU nodes)"),
     (["--gpus-per-node", "0", "--tasks-per-node", "0"], "--tasks-per-node must be >= 1 and --gpus-per-node >= 0"),
     (["--gpus-per-node", "-1"], "--tasks-per-node must be >= 1 and --gpus-per-node >= 0"),
-    (["--signal-delay", "0"], "--signal-delay must be >= 1 second and --max-requeues >= 0"),
-    (["--max-requeues", "-1"], "--signal-delay must be >= 1 second and --max-requeues >= 0"),
+    (["--signal-delay", "0"], "--signal-delay must be >= 1 second, --max-requeues and --max-retries >= 0"),
+    (["--max-requeues", "-1"], "--signal-delay must be >= 1 second, --max-requeues and --max-retries >= 0"),
+    (["--max-retries", "-1"], "--signal-delay must be >= 1 second, --max-requeues and --max-retries >= 0"),
     (["--time", "2", "--signal-delay", "120"], "--signal-delay 120 s leaves no time to train within --time 2 min"),
     (["--time", "0:30", "--signal-delay", "60"], "--signal-delay 60 s leaves no time to train within --time 1 min"),
     (["--local", "--nodes", "2"], "--local runs on this one machine: use --nodes 1"),
@@ -289,7 +338,7 @@ def test_parse_args_errors_exit_2_with_a_clear_message(argv, message, capsys):
 def test_parse_args_reports_every_problem_at_once_joined_by_semicolons(capsys):
     err = launcher_error(["--gpus-per-node", "4", "--tasks-per-node", "2", "--signal-delay", "0"], capsys)
     assert ("one task per GPU: --tasks-per-node 2 must equal --gpus-per-node 4 (use --gpus-per-node 0 for CPU "
-            "nodes); --signal-delay must be >= 1 second and --max-requeues >= 0") in err
+            "nodes); --signal-delay must be >= 1 second, --max-requeues and --max-retries >= 0") in err
 
 
 def test_parse_args_accepts_a_signal_delay_just_under_the_time_limit():
@@ -429,12 +478,25 @@ JOB_SETUP = ["export PYTHONFAULTHANDLER=1", "export NCCL_DEBUG=${NCCL_DEBUG:-WAR
              "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"]
 
 
+def job_setup(job_dir: Path, max_retries: int = 2) -> list[str]:
+    """The batch script's lines before srun for a job folder without spaces: the environment, the file
+    where rank 0 records how the run ended, the SIGTERM mark and the retry decision on exit."""
+    logs, retry = job_dir.absolute() / "logs", Path(submit_module.__file__).parent / "retry.py"
+    return JOB_SETUP + [
+        f'export PGM_END_FILE={logs}/"${{SLURM_JOB_ID}}_${{SLURM_RESTART_COUNT:-0}}_end"',
+        'rm -f "$PGM_END_FILE"',
+        "trap 'PGM_SIGNALLED=1' TERM",
+        f'pgm_after_tasks() {{ rc=$?; {sys.executable} {retry} --logs {logs} --rc "$rc" --max-retries {max_retries} '
+        '${PGM_SIGNALLED:+--signalled}; exit "$rc"; }',
+        "trap pgm_after_tasks EXIT"]
+
+
 def test_slurm_parameters_of_a_fixed_node_count(tmp_path):
     args, _ = parse_args(["--nodes", "3", "--gpus-per-node", "4", "--time", "1:30:00", "--job-dir", str(tmp_path)])
     assert slurm_parameters(args) == {"job_name": "pgm", "time": 90, "nodes": 3, "ntasks_per_node": 4,
                                       "signal_delay_s": 120,
                                       "additional_parameters": {"requeue": True, "exclusive": True},
-                                      "srun_args": ["--kill-on-bad-exit=1"], "setup": JOB_SETUP,
+                                      "srun_args": ["--kill-on-bad-exit=1"], "setup": job_setup(tmp_path),
                                       "gpus_per_node": 4, "mem": "0"}
 
 
@@ -445,7 +507,7 @@ def test_slurm_parameters_of_a_node_range_move_tasks_per_node_to_srun(tmp_path):
     assert slurm_parameters(args) == {
         "job_name": "r", "time": 240, "nodes": 2, "signal_delay_s": 300,
         "additional_parameters": {"requeue": True, "nodes": "2-8", "exclusive": True},
-        "srun_args": ["--kill-on-bad-exit=1", "--ntasks-per-node=8", "--cpus-per-task=4"], "setup": JOB_SETUP,
+        "srun_args": ["--kill-on-bad-exit=1", "--ntasks-per-node=8", "--cpus-per-task=4"], "setup": job_setup(tmp_path),
         "gpus_per_node": 8, "mem": "1536M", "cpus_per_task": 4,
         "partition": "gpu", "account": "acc", "qos": "high", "constraint": "h100"}
 
@@ -691,8 +753,8 @@ def test_env_and_setup_lines_reach_the_batch_script_after_the_defaults():
     script = sbatch_script(parse_args(["--env", "HF_HOME=/shared/hf cache", "--env", "NCCL_DEBUG=INFO",
                                        "--setup", "module load cuda/12", "--setup", "source /opt/env.sh"])[0])
     lines = script.splitlines()
-    wanted = JOB_SETUP + ["export HF_HOME='/shared/hf cache'", "export NCCL_DEBUG=INFO", "module load cuda/12",
-                          "source /opt/env.sh"]
+    wanted = job_setup(Path("runs/pgm")) + ["export HF_HOME='/shared/hf cache'", "export NCCL_DEBUG=INFO",
+                                            "module load cuda/12", "source /opt/env.sh"]
     start = lines.index(wanted[0])
     assert lines[start:start + len(wanted)] == wanted  # in this order: the user's NCCL_DEBUG wins
     assert lines.index("module load cuda/12") < next(i for i, line in enumerate(lines) if line.startswith("srun "))

@@ -2,16 +2,13 @@
 with the last checkpoint intact. Runs the real engine and loop in-process (world of one)."""
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from pgm_dist.checkpoints.format import MARKER, complete_checkpoints
 from pgm_dist.checkpoints.saver import Checkpointer
-from pgm_dist.common.distributed import dist_env, init_process_group
 from pgm_dist.data.loader import TrainLoader
 from pgm_dist.data.shards import DataFolder
 from pgm_dist.models import build_model
@@ -21,7 +18,6 @@ from pgm_dist.training.config import TrainConfig, resolve_ds_config
 from pgm_dist.training.engine import Engine
 from pgm_dist.training.loop import LoopParts, NonFiniteError, TrainingLoop, TrainState
 from pgm_dist.training.writer import NullWriter
-from tests.helpers.training import free_port
 
 
 class PoisonedObjective(PGMObjective):
@@ -36,22 +32,6 @@ class PoisonedObjective(PGMObjective):
         loss = super().loss(model, tokens, t, generator)
         self.calls[0] += 1
         return loss * float("nan") if self.calls[0] in self.poisoned else loss
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    """One process group for the module: DeepSpeed caches its groups, so it is made once."""
-    variables = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    saved = {key: os.environ.get(key) for key in variables}
-    os.environ.update(variables)
-    init_process_group(torch.device("cpu"))
-    yield dist_env()
-    dist.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def _loop(small_data, tmp_path, env, poisoned, max_steps, log_every=1):

@@ -18,6 +18,7 @@ import submitit
 from submitit.core.job_environment import SignalHandler
 from submitit.core.utils import DelayedSubmission
 
+from pgm_dist.cluster.retry import preempted, requeue
 from pgm_dist.common.errors import USER_ERRORS, UserError
 from pgm_dist.common.files import no_group_or_world_write
 from pgm_dist.data.shards import DataFolder
@@ -171,14 +172,20 @@ class JobTask:
         record_end(status)
         if status == "preempted":  # SIGUSR2, saved on every rank: now requeue (rank 0; the others return)
             RequeueAfterSave(started, self.signal_delay_s).checkpoint_and_try_requeue(signal.SIGUSR2)
-        else:
-            # Finished, or stopped by SIGTERM: a plain `scancel` (never requeued: SLURM would requeue a
-            # cancelled job that asked for --requeue) or a scheduler preemption (PreemptMode=REQUEUE
-            # requeues the job by itself). A time-limit warning now means nothing: Python resets the
-            # handlers it installed (the loop's) to the default action, terminate, while it shuts
-            # down, so a warning arriving then turned a completed job into a FAILED one; an ignored
-            # signal stays ignored.
-            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+            return status
+        # Finished, or stopped by SIGTERM: a plain `scancel` (never requeued: SLURM would requeue a
+        # cancelled job that asked for --requeue) or a scheduler preemption. A time-limit warning now
+        # means nothing: Python resets the handlers it installed (the loop's) to the default action,
+        # terminate, while it shuts down, so a warning arriving then turned a completed job into a
+        # FAILED one; an ignored signal stays ignored.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        job = os.environ.get("SLURM_JOB_ID")
+        if status == "stopped" and job and submitit.JobEnvironment().global_rank == 0 and preempted(job):
+            # PreemptMode=REQUEUE requeues a job still running when its GraceTime ends; this one saved
+            # and exits within it, which SLURM would take as COMPLETED. Requeued once, here, and only
+            # for a preemption (never counted as a time-out).
+            print(f"job {job} was preempted by the scheduler: saved, requeueing it", flush=True)
+            requeue(job)
         return status
 
     def checkpoint(self) -> DelayedSubmission:

@@ -21,13 +21,13 @@ from pathlib import Path
 def decide(rc: int, end: str | None, signalled: bool, retries: int, max_retries: int) -> tuple[bool, str]:
     """(requeue?, why) for tasks that exited with ``rc``; ``end``: what rank 0 recorded (None: nothing,
     it died), ``signalled``: the batch script got SIGTERM, ``retries``: retries already used."""
-    if signalled:
-        return False, ("SLURM stopped the job (scancel, a preemption or the time limit): not retried; a "
-                       "preempted job is requeued by SLURM itself")
     if end in ("finished", "stopped"):
         return False, f"the run {end}"
     if end == "preempted":
         return False, "rank 0 requeued the job after its save (time-limit warning or USR2)"
+    if signalled:
+        return False, ("SLURM stopped the job (scancel, a preemption or the time limit): not retried; a "
+                       "preempted job is requeued by SLURM itself")
     if end == "user_error" or rc == 2:
         return False, "a user error (exit status 2) is never retried: fix the options and submit again"
     if rc == 0:
@@ -66,16 +66,40 @@ def main(argv: list[str] | None = None) -> int:
     if not retry or not job:
         return 0
     counter.write_text(f"{retries + 1}\n")
+    requeue(job)
+    return 0
+
+
+def requeue(job: str, timeout_s: float = 60) -> bool:
+    """``scontrol requeue JOB``; a refusal (or a hanging or missing scontrol) is printed with what to
+    run instead, never raised: the checkpoint is already saved."""
     command = ["scontrol", "requeue", job]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
         failure = done.stderr.strip() if done.returncode else ""
     except (OSError, subprocess.SubprocessError) as err:
         failure = f"{type(err).__name__}: {err}"
     if failure:
         print(f"job {job}: {' '.join(command)} was refused ({failure}); to go on, submit the same command "
               "again with --continue: it resumes from the latest complete checkpoint", file=sys.stderr, flush=True)
-    return 0
+    return not failure
+
+
+def preempted(job: str, timeout_s: float = 20) -> bool:
+    """Whether the scheduler has preempted ``job`` (``scontrol show job``: PreemptTime is set). A job that
+    saves and exits within the preemption's GraceTime ends COMPLETED unless someone requeues it: SLURM
+    itself requeues only a job still running when the grace time ends. A failing or hanging scontrol
+    is reported and read as "not preempted"."""
+    command = ["scontrol", "show", "job", "-o", job]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        print(f"job {job}: {' '.join(command)} failed ({type(err).__name__}: {err}): cannot tell whether the "
+              "scheduler preempted the job, so it is not requeued; if it was, submit again with --continue",
+              file=sys.stderr, flush=True)
+        return False
+    fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
+    return fields.get("PreemptTime", "None") not in ("None", "Unknown", "")
 
 
 if __name__ == "__main__":

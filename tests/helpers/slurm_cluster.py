@@ -22,6 +22,9 @@ PACKAGES = "slurmctld slurmd slurm-client munge"
 INSTALL_HINT = f"the SLURM tests need Debian's SLURM: sudo apt-get install -y {PACKAGES}"
 NODES = ("n1", "n2")
 HOSTS_LINE = "127.0.0.1 " + " ".join(NODES)
+# A second partition over the same nodes whose jobs preempt the default partition's (PreemptMode=REQUEUE:
+# SLURM signals the preempted job, gives it GraceTime to save, and requeues it itself).
+URGENT = "urgent"
 
 
 def missing() -> str | None:
@@ -74,8 +77,11 @@ JobRequeue=1
 ReturnToService=2
 KillWait=10
 MinJobAge=600
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 {nodes}
-PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30
+PartitionName={URGENT} Nodes={",".join(NODES)} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 """
 
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,13 +25,28 @@ from submitit.core.utils import DelayedSubmission
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pgm_dist.cluster.submit import JOB_CHECKPOINTS
-from tests.helpers.slurm_cluster import SlurmCluster, missing
+from tests.helpers.slurm_cluster import URGENT, SlurmCluster, missing
 from tests.helpers.training import REPO, module_weights, scalar_events, scalars
 
 STEPS = 30
 TRAIN = ["--max-steps", str(STEPS), "--global-batch", "8", "--micro-batch", "4", "--log-every", "1",
          "--eval-every", "0", "--ckpt-every", "0", "--eval-batches", "1", "--sample-steps", "2", "--num-samples", "1"]
 CPU_NODES = ["--gpus-per-node", "0", "--tasks-per-node", "1", "--cpus-per-task", "1", "--signal-delay", "30"]
+
+
+@pytest.fixture(scope="session")
+def job_root():
+    """Where the SLURM tests' job folders live: not under /tmp, which the launcher refuses for SLURM
+    jobs (the other nodes of a real cluster do not see it). Removed at the end."""
+    root = Path.home() / ".cache" / "pgm_dist-tests" / f"jobs-{os.getpid()}"
+    root.mkdir(parents=True)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def job_dir(job_root, request):
+    return job_root / request.node.name
 
 
 @pytest.fixture(scope="session")
@@ -43,14 +59,16 @@ def cluster(tmp_path_factory):
     slurm.stop()
 
 
-def launch(args: list[str], cluster: SlurmCluster | None = None, **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(cluster.env if cluster else {})}
+def launch(args: list[str], cluster: SlurmCluster | None = None, extra_env: dict | None = None,
+           **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(cluster.env if cluster else {}),
+           **(extra_env or {})}
     return subprocess.Popen([sys.executable, "launcher/submit.py", *args], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
-def submit(args: list[str], cluster: SlurmCluster) -> str:
-    out, err = launch(args, cluster).communicate(timeout=120)
+def submit(args: list[str], cluster: SlurmCluster, extra_env: dict | None = None) -> str:
+    out, err = launch(args, cluster, extra_env).communicate(timeout=120)
     match = re.search(r"submitted job (\d+):", out)
     assert match, f"no job submitted:\n{out}\n{err}"
     return match[1]
@@ -85,9 +103,9 @@ def assert_contiguous_run(tb: Path, max_steps: int = STEPS) -> dict:
 
 
 @pytest.fixture(scope="session")
-def reference(cluster, data, tmp_path_factory):
+def reference(cluster, data, job_root):
     """An uninterrupted two-node job."""
-    job_dir = tmp_path_factory.mktemp("reference")
+    job_dir = job_root / "reference"
     job = submit(["--nodes", "2", *CPU_NODES, "--time", "60", "--job-dir", str(job_dir), "--",
                   "--data", str(data), *TRAIN], cluster)
     assert cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300) == "COMPLETED"
@@ -108,24 +126,24 @@ def test_two_node_job_trains_on_two_slurm_nodes(cluster, reference):
     assert start_texts(out / "tb") == [f"job {job} on n1,n2: world size 2, restart 0, step 0"]
 
 
-def test_distill_entry_runs_two_rounds_on_two_slurm_nodes(cluster, reference, data, tmp_path, capsys, monkeypatch):
+def test_distill_entry_runs_two_rounds_on_two_slurm_nodes(cluster, reference, data, job_dir, capsys, monkeypatch):
     """``--entry distill`` distils the reference run (the teacher) for two rounds of 2 steps; the
     dry run prints the options every (re)start gets and submits nothing."""
     distill = ["--teacher", str(reference[1] / "train"), "--data", str(data), "--start-steps", "8",
                "--round-steps", "2", "--rounds", "2", "--min-steps", "2", "--global-batch", "4", "--micro-batch", "2",
                "--log-every", "1", "--eval-every", "0", "--ckpt-every", "2", "--eval-batches", "1",
                "--sample-steps", "2", "--num-samples", "1", "--eval-samples", "1", "--lr", "1e-2", "--warmup-steps", "0"]
-    args = ["--nodes", "2", *CPU_NODES, "--time", "60", "--job-dir", str(tmp_path), "--entry", "distill"]
+    args = ["--nodes", "2", *CPU_NODES, "--time", "60", "--job-dir", str(job_dir), "--entry", "distill"]
     monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
     before = cluster.job_ids()
     assert _submit_main()([*args, "--dry-run", "--", *distill]) == 0
-    assert (f"#   --no-progress {' '.join(JOB_CHECKPOINTS)} {' '.join(distill)} --out {tmp_path / 'train'} "
+    assert (f"#   --no-progress {' '.join(JOB_CHECKPOINTS)} {' '.join(distill)} --out {job_dir / 'train'} "
             "--resume auto\n") in capsys.readouterr().out
     assert cluster.job_ids() == before
 
     job = submit([*args, "--", *distill], cluster)
     assert cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300) == "COMPLETED"
-    out = tmp_path / "train"
+    out = job_dir / "train"
     values = scalars(out / "tb")
     assert values["distill/round"] == {step: (step - 1) // 2 for step in range(1, 5)}
     assert values["distill/sampling_steps"] == {1: 4, 2: 4, 3: 2, 4: 2}
@@ -140,46 +158,126 @@ def test_distill_entry_runs_two_rounds_on_two_slurm_nodes(cluster, reference, da
         torch.testing.assert_close(teacher[name], tensor.float(), atol=0, rtol=0)
 
 
-def test_preemption_saves_requeues_and_resumes_exactly(cluster, reference, data, tmp_path):
-    job = submit(["--nodes", "2", *CPU_NODES, "--time", "60", "--job-dir", str(tmp_path), "--",
+def test_preemption_saves_requeues_and_resumes_exactly(cluster, reference, data, job_dir):
+    job = submit(["--nodes", "2", *CPU_NODES, "--time", "60", "--job-dir", str(job_dir), "--",
                   "--data", str(data), *TRAIN], cluster)
-    wait_for_step(tmp_path / "train" / "tb", 4)
+    wait_for_step(job_dir / "train" / "tb", 4)
     cluster.run("scancel", "--signal=USR2", job)
     assert cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300) == "COMPLETED"
     assert cluster.job_field(job, "Restarts") == "1"
-    stopped = resumed_step(tmp_path / "logs" / f"{job}_0_log.out")
+    stopped = resumed_step(job_dir / "logs" / f"{job}_0_log.out")
     assert 4 <= stopped < STEPS
-    values = assert_contiguous_run(tmp_path / "train" / "tb")
+    values = assert_contiguous_run(job_dir / "train" / "tb")
     assert values["run/restarts"][STEPS] == 1
     assert values["train/loss"] == scalars(reference[1] / "train" / "tb")["train/loss"]
     # A preemption does not use up a time-out requeue (--max-requeues, default 3).
-    assert DelayedSubmission.load(tmp_path / "logs" / f"{job}_submitted.pkl")._timeout_countdown == 3
+    assert DelayedSubmission.load(job_dir / "logs" / f"{job}_submitted.pkl")._timeout_countdown == 3
 
 
-def test_plain_scancel_saves_and_stops_for_good(cluster, data, tmp_path):
+def test_plain_scancel_saves_and_stops_for_good(cluster, data, job_dir):
     """``scancel JOB`` (SIGTERM to every task): every rank saves at the next step and the job ends
     CANCELLED, never requeued (SLURM would requeue a cancelled --requeue job if rank 0 asked)."""
-    job = submit(["--nodes", "2", *CPU_NODES, "--time", "60", "--job-dir", str(tmp_path), "--",
-                  "--data", str(data), *TRAIN], cluster)
-    wait_for_step(tmp_path / "train" / "tb", 3)
+    # Long enough to be still training after the second submission below (seconds of start-up).
+    job = submit(["--nodes", "2", *CPU_NODES, "--time", "60", "--job-dir", str(job_dir), "--",
+                  "--data", str(data), *TRAIN, "--max-steps", "5000"], cluster)
+    wait_for_step(job_dir / "train" / "tb", 3)
+    # One live job per run folder: a second submission into it is refused while this one trains.
+    second = launch(["--nodes", "2", *CPU_NODES, "--continue", "--job-dir", str(job_dir), "--",
+                     "--data", str(data), *TRAIN], cluster)
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 2, out + err
+    assert f"is the run folder of SLURM job {job}, which is still running" in err
     cluster.run("scancel", job)
     assert cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED", "PENDING"}, timeout=120) == "CANCELLED"
     time.sleep(8)  # a requeue would show by now
     assert (cluster.job_field(job, "JobState"), cluster.job_field(job, "Restarts")) == ("CANCELLED", "0")
-    log = (tmp_path / "logs" / f"{job}_0_log.out").read_text()
+    log = (job_dir / "logs" / f"{job}_0_log.out").read_text()
     stopped = int(re.search(r"stopped at step (\d+)", log)[1])
-    assert 3 <= stopped < STEPS
-    assert (tmp_path / "train" / "checkpoints" / f"step_{stopped:08d}" / "COMPLETE").exists()
+    assert 3 <= stopped < 5000
+    assert (job_dir / "train" / "checkpoints" / f"step_{stopped:08d}" / "COMPLETE").exists()
+    assert "the run stopped" in log  # the batch script's retry decision: nothing to retry
 
 
-def test_time_limit_on_a_drained_node_requeues_and_finishes_on_one_node(cluster, data, tmp_path):
+def rank_process(job: str, rank: int) -> int:
+    """The pid of ``rank``'s Python process in SLURM job ``job`` (read from /proc: the test cluster's
+    nodes are this machine)."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            variables = dict(item.split("=", 1) for item in environ.read_text().split("\0") if "=" in item)
+            command = (environ.parent / "cmdline").read_text()
+        except OSError:
+            continue
+        if (variables.get("SLURM_JOB_ID") == job and variables.get("SLURM_PROCID") == str(rank)
+                and "submitit.core._submit" in command):
+            return int(environ.parent.name)
+    raise AssertionError(f"no rank {rank} process of job {job}")
+
+
+def test_a_killed_rank_ends_the_step_and_the_job_is_retried_exactly(cluster, reference, data, job_dir):
+    """SIGKILL to rank 1 (on n2) of a running two-node job: srun --kill-on-bad-exit ends the step at
+    once (rank 0 does not wait in a collective for the 10-minute process-group timeout), the batch
+    script requeues the job (retry 1 of --max-retries 1), and it resumes from its last checkpoint:
+    the losses are the uninterrupted run's, every step logged once. The submitting shell exports
+    torch.distributed variables of its own (sbatch passes them on): the job's own win."""
+    login_shell = {"MASTER_ADDR": "no-such-host", "MASTER_PORT": "1", "RANK": "5", "WORLD_SIZE": "9"}
+    job = submit(["--nodes", "2", *CPU_NODES, "--time", "60", "--max-retries", "1", "--job-dir", str(job_dir),
+                  "--", "--data", str(data), *TRAIN, "--ckpt-every", "3", "--dist-timeout-min", "10"], cluster,
+                 login_shell)
+    wait_for_step(job_dir / "train" / "tb", 5)
+    killed = time.monotonic()
+    os.kill(rank_process(job, 1), signal.SIGKILL)
+    while cluster.job_field(job, "Restarts") == "0":
+        assert time.monotonic() - killed < 120, cluster.job_field(job, "JobState")
+        time.sleep(0.5)
+    requeued_after = time.monotonic() - killed
+    assert requeued_after < 60  # far from the 600 s a collective would have waited
+    assert cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300) == "COMPLETED"
+    assert cluster.job_field(job, "Restarts") == "1"
+    assert (job_dir / "logs" / f"{job}_retries").read_text() == "1\n"
+    log = (job_dir / "logs" / f"{job}_0_log.out").read_text()
+    assert "retry 1 of 1 (--max-retries)" in log and "the run finished" in log
+    resumed = resumed_step(job_dir / "logs" / f"{job}_0_log.out")
+    assert resumed % 3 == 0 and resumed >= 3
+    values = assert_contiguous_run(job_dir / "train" / "tb")
+    assert values["run/restarts"][STEPS] == 1
+    assert values["train/loss"] == scalars(reference[1] / "train" / "tb")["train/loss"]
+    print(f"killed rank: requeued {requeued_after:.1f} s after the kill, resumed at step {resumed}")
+
+
+def test_a_scheduler_preemption_saves_and_slurm_requeues_the_job_once(cluster, reference, data, job_dir):
+    """A job in the higher-tier partition takes both nodes (PreemptMode=REQUEUE, GraceTime 30 s): the
+    training job gets SIGTERM, saves, and SLURM requeues it; the launcher does not requeue it again.
+    It ends COMPLETED with Restarts=1 and every step logged once, resumed at the very step it saved."""
+    job = submit(["--nodes", "2", *CPU_NODES, "--time", "60", "--job-dir", str(job_dir), "--",
+                  "--data", str(data), *TRAIN], cluster)
+    wait_for_step(job_dir / "train" / "tb", 4)
+    urgent = cluster.run("sbatch", "--parsable", "-p", URGENT, "-N", "2", "--output", "/dev/null",
+                         "--wrap", "sleep 5").stdout.strip()
+    assert cluster.wait_job(urgent, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=180) == "COMPLETED"
+    assert cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300) == "COMPLETED"
+    assert cluster.job_field(job, "Restarts") == "1"  # SLURM's requeue only
+    log = (job_dir / "logs" / f"{job}_0_log.out").read_text()
+    stopped = int(re.search(r"stopped at step (\d+)", log)[1])
+    assert 4 <= stopped < STEPS and resumed_step(job_dir / "logs" / f"{job}_0_log.out") == stopped
+    # SLURM requeues only a job still running when the grace time ends: this one saved and exited within
+    # it, so rank 0 requeued it (once: Restarts is 1), and the batch script did not retry it
+    assert f"job {job} was preempted by the scheduler: saved, requeueing it" in log and "the run stopped" in log
+    values = assert_contiguous_run(job_dir / "train" / "tb")
+    assert values["run/restarts"][STEPS] == 1
+    assert values["train/loss"] == scalars(reference[1] / "train" / "tb")["train/loss"]
+    # the time-out requeues (--max-requeues 3) are untouched: a preemption is not a time-out
+    assert DelayedSubmission.load(job_dir / "logs" / f"{job}_submitted.pkl")._timeout_countdown == 3
+
+
+def test_time_limit_on_a_drained_node_requeues_and_finishes_on_one_node(cluster, data, job_dir):
     """``--nodes 1-2``: starts on both nodes; n2 is drained and the time limit runs out; the warning
     signal saves, the job requeues (one time-out of --max-requeues 1) and finishes on n1 alone through
     the universal checkpoint. SLURM checks time limits every 30 s, so a fast machine can finish a short
     run before the warning: such a run proves nothing and is repeated with four times the steps."""
     final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
+    base = job_dir
     for steps in (250, 1000, 4000):
-        job_dir = tmp_path / f"steps{steps}"
+        job_dir = base / f"steps{steps}"
         deadline = time.monotonic() + 60  # the previous job may still be completing on a node
         while cluster.idle_nodes() != {"n1", "n2"} and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -276,14 +374,14 @@ BAD_INPUTS = [
 ]
 
 
-def test_bad_inputs_error_before_submitting(cluster, data, tmp_path, capsys, monkeypatch):
+def test_bad_inputs_error_before_submitting(cluster, data, job_dir, capsys, monkeypatch):
     main = _submit_main()
     monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
     before = cluster.job_ids()
     for args, message in BAD_INPUTS:
         argv = [*args[:args.index("--")]] if "--" in args else list(args)
         train = args[args.index("--") + 1:] if "--" in args else []
-        full = [*argv, *CPU_NODES, "--job-dir", str(tmp_path), "--", *(["--data", str(data)] if "--data" not in train
+        full = [*argv, *CPU_NODES, "--job-dir", str(job_dir), "--", *(["--data", str(data)] if "--data" not in train
                                                                         else []), *train]
         try:
             code = main(full)
@@ -291,7 +389,10 @@ def test_bad_inputs_error_before_submitting(cluster, data, tmp_path, capsys, mon
             code = exit.code
         assert code == 2, args
         assert message in capsys.readouterr().err, args
+    # a job folder under /tmp: the other nodes would not see it
+    assert main([*CPU_NODES, "--job-dir", "/tmp/pgm-job", "--", "--data", str(data)]) == 2
+    assert "--job-dir /tmp/pgm-job is on a temporary file system" in capsys.readouterr().err
     monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no sbatch: a clear error that suggests --local
-    assert main([*CPU_NODES, "--job-dir", str(tmp_path), "--", "--data", str(data)]) == 2
+    assert main([*CPU_NODES, "--job-dir", str(job_dir), "--", "--data", str(data)]) == 2
     assert "sbatch/srun not found" in capsys.readouterr().err
     assert cluster.job_ids() == before

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pgm_dist.cluster.retry import decide
+from pgm_dist.cluster.retry import decide, preempted
 from pgm_dist.cluster.submit import batch_lines, parse_args
 
 
@@ -112,3 +112,17 @@ def test_a_refused_requeue_says_what_to_run_instead(job, tmp_path):
     out, _ = script("exit 1").communicate(timeout=60)
     assert "scontrol requeue 4242 was refused (Requested operation is presently disabled)" in out
     assert "submit the same command again with --continue" in out
+
+
+@pytest.mark.parametrize("output, rc, answer", [
+    ("JobId=7 JobState=RUNNING PreemptEligibleTime=2026-12-07T05:29:05 PreemptTime=None Restarts=0", 0, False),
+    ("JobId=7 JobState=RUNNING PreemptEligibleTime=2026-12-07T05:29:05 PreemptTime=2026-12-07T05:29:07", 0, True),
+    ("slurm_load_jobs error: Unable to contact slurm controller", 1, False),  # reported, read as "no"
+])
+def test_a_preemption_is_read_from_scontrols_preempt_time(tmp_path, monkeypatch, capsys, output, rc, answer):
+    (tmp_path / "scontrol").write_text(f"#!/bin/sh\necho '{output}'\nexit {rc}\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert preempted("7") is answer
+    if rc:
+        assert "cannot tell whether the scheduler preempted the job" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import time
@@ -853,3 +854,13 @@ def test_jobs_checkpoint_every_ten_minutes_unless_the_user_says_otherwise(train,
     args, train_argv = parse_args(["--job-dir", str(tmp_path), "--", *train])
     cfg = parse_train_config(list(job_argv(args, parse_train_config(train_argv))))
     assert (cfg.ckpt_every, cfg.ckpt_minutes) == (every, minutes)
+
+
+def test_the_readmes_elastic_example_is_one_the_launcher_accepts():
+    """The README's `--nodes MIN-MAX --continue` example: every world size of its range keeps its batch."""
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    command = re.search(r"python launcher/submit.py --nodes (\d+-\d+) [^\n]*--continue -- \\\n([^\n]*)", readme)
+    assert command, "the README's elastic example"
+    args, train_argv = parse_args(["--nodes", command[1], "--", *command[2].split()])
+    cfg = parse_train_config(train_argv)
+    assert args.nodes.elastic and set(world_sizes(args)) <= set(allowed_world_sizes(cfg.global_batch, cfg.micro_batch))

@@ -106,6 +106,10 @@ class RequeueAfterSave(SignalHandler):
         env = submitit.JobEnvironment()
         super().__init__(env, env.paths, DelayedSubmission.load(env.paths.submitted_pickle))
         self._start_time, self.signal_delay_s = started, signal_delay_s
+        if env.cluster == "slurm":
+            # submitit's own `scontrol requeue` raises on a refusal: a traceback after a good save. This
+            # one prints the refusal and what to run instead; the job then exits as submitit's would.
+            env._requeue = lambda countdown: requeue(env.job_id)
 
     def has_timed_out(self) -> bool:
         left = seconds_left(self._start_time)

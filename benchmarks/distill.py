@@ -1,22 +1,26 @@
-"""Teacher vs SDTT student: generative perplexity, unigram entropy and sampling speed per
-step count, measured in one run on the built-in corpus.
+"""SDTT on a source whose likelihood is known: teacher vs distilled student, scored exactly.
 
-1. builds the built-in corpus (cached by the builder), trains a teacher for ``--teacher-train-steps``
-   (``pgm_dist/train.py``) and distils it for ``--rounds`` rounds from ``--start-steps K``
-   (``pgm_dist/distill.py``, 2 teacher steps per student step: the final student samples in
-   K / 2^rounds steps);
-2. trains its own evaluator, since none can be downloaded here: a small GPT-2 (``transformers``)
-   with a byte-level BPE (``tokenizers``) on decoded blocks of the same corpus's training split,
-   saved as a Hugging Face folder that ``pgm_dist.evaluation.gen_ppl.load_evaluator`` reads;
-3. samples both models (EMA weights) at K, K/2, K/4, K/8 ... steps and scores the samples with
-   ``pgm_dist.evaluation.gen_ppl.sample_quality``; held-out blocks scored the same way give the reference.
+The corpus is a random sparse Markov source (``python -m pgm_dist.data build-synthetic``); every
+sample is scored by its exact negative log-likelihood under the source (nats per symbol, 95%
+bootstrap interval), beside the source's own entropy (the ideal). No evaluator model. K = L - 1
+sampling steps reveal one symbol per step.
 
-Teacher, student and evaluator are cached under ``--cache`` in folders named by a hash of their
-settings, so a re-run with the same options only samples and scores. The goal check (the
-student at K/4 beats the teacher at K/4 in gen-PPL, with entropy within 5% of the teacher's at
-K, at ~4x the speed of the teacher at K) is printed as measured facts; nothing fails on it.
-The CPU defaults take ~15 minutes on 2 cores; a GPU run at larger budgets:
-``--device cuda --teacher-train-steps 5000 --round-steps 1000 --batch 64 --samples 128``.
+1. builds the synthetic folder and trains the teacher (``pgm_dist/train.py``) in chunks of
+   ``--teacher-chunk`` steps until its sample NLL at K/4 steps is worse than at K steps by more than
+   both intervals (nothing to distil otherwise: it stops with a message at ``--teacher-max-steps``);
+2. distils it (``pgm_dist/distill.py``, from its EMA weights, 2 teacher steps per student step):
+   rounds from K, students at K/2, K/4, K/8;
+3. controls: the teacher trained on for as many steps as distillation took, with its own objective
+   (extra training is not distillation), and an MDLM of the same width and total depth trained
+   for the teacher's whole budget (the paper's baseline);
+4. samples every model (EMA weights: the student started from the teacher's EMA) at K, K/2, K/4,
+   K/8 steps with both PGM samplers, ``--samples`` sequences per cell, the same random numbers for
+   every model of a cell; and measures the teacher in the student's precision (benchmarks/sdtt_teacher.py).
+
+Every trained model is cached under ``--cache`` by its settings: a re-run only samples. On 2 CPU
+cores the defaults take about 30 minutes from scratch. The goal (student closes at least half of
+the teacher's gap to its K-step NLL at K/4 and K/8, intervals apart, unigram entropy within 2% of
+the source's) is printed as measured facts; nothing fails on it.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import argparse
 import hashlib
 import json
 import os
-import random
+import shutil
 import subprocess
 import sys
 import time
@@ -35,58 +39,44 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# noqa: E402
-from pgm_dist.checkpoints.format import complete_checkpoints
-from pgm_dist.checkpoints.load import load_model
+from sdtt_teacher import measure as teacher_precision  # noqa: E402  (benchmarks/, this script's folder)
+from sdtt_teacher import table as precision_table  # noqa: E402
 
-# noqa: E402
-from pgm_dist.common.cli import default_device
-from pgm_dist.data.builder import BuildSettings, build  # noqa: E402
-from pgm_dist.data.loader import read_samples  # noqa: E402
-from pgm_dist.data.shards import DatasetMeta, expand_sources  # noqa: E402
-from pgm_dist.data.tokenizer import Tokenizer  # noqa: E402
-from pgm_dist.evaluation.gen_ppl import generative_perplexity, load_evaluator, sample_quality, unigram_entropy
+from pgm_dist.checkpoints.format import complete_checkpoints  # noqa: E402
+from pgm_dist.checkpoints.load import load_model  # noqa: E402
+from pgm_dist.data.synthetic import SOURCE_FILE, MarkovSource, SyntheticSettings, build_synthetic  # noqa: E402
+from pgm_dist.evaluation.gen_ppl import sample_quality  # noqa: E402
 
-  # noqa: E402
-
-EVAL_BOS = "<|endoftext|>"
+SAMPLERS = ("uniform", "binomial")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", default="runs/bench_distill", help="folder of the cached teacher, student and evaluator")
-    p.add_argument("--data", default="data_shards/bench_distill", help="data folder (built here if missing)")
-    p.add_argument("--vocab-size", type=int, default=1024, help="corpus tokenizer's vocabulary")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per block (and per sample)")
+    p.add_argument("--cache", default="runs/bench_distill", help="folder of the cached models")
+    p.add_argument("--data", default="data_shards/bench_synthetic", help="synthetic data folder (built if missing)")
+    p.add_argument("--vocab", type=int, default=32, help="symbols of the Markov source")
+    p.add_argument("--successors", type=int, default=3, help="likely successors of each state")
+    p.add_argument("--seq-len", type=int, default=33, help="BOS + K symbols; K = seq-len - 1 must be a power of 2")
+    p.add_argument("--train-sequences", type=int, default=100_000)
     p.add_argument("--model", default="pgm-tiny", help="teacher preset")
-    p.add_argument("--teacher-train-steps", type=int, default=300, help="teacher's optimizer steps")
-    p.add_argument("--teacher-lr", type=float, default=1e-3)
-    p.add_argument("--start-steps", type=int, default=64, help="K: the teacher's sampling steps (a power of two)")
-    p.add_argument("--rounds", type=int, default=2, help="distillation rounds: the student samples in K / 2^rounds")
-    p.add_argument("--round-steps", type=int, default=50, help="optimizer steps per round")
+    p.add_argument("--mdlm", default="mdlm-tiny", help="the MDLM of the same width and total depth")
+    p.add_argument("--batch", type=int, default=64, help="global batch of every training")
+    p.add_argument("--lr", type=float, default=1e-3, help="teacher (and MDLM) learning rate")
+    p.add_argument("--teacher-chunk", type=int, default=1000, help="teacher steps between gap checks")
+    p.add_argument("--teacher-max-steps", type=int, default=6000)
+    p.add_argument("--rounds", type=int, default=3, help="distillation rounds: students at K/2 ... K/2^rounds")
+    p.add_argument("--round-steps", type=int, default=400, help="optimizer steps per round")
     p.add_argument("--distill-lr", type=float, default=3e-4)
-    p.add_argument("--batch", type=int, default=16, help="global batch of teacher training and distillation")
-    p.add_argument("--eval-train-blocks", type=int, default=8192, help="training blocks the evaluator reads")
-    p.add_argument("--eval-vocab", type=int, default=2048, help="evaluator's byte-level BPE vocabulary")
-    p.add_argument("--eval-train-steps", type=int, default=400, help="evaluator's optimizer steps")
-    p.add_argument("--eval-batch", type=int, default=16, help="evaluator's windows per step")
-    p.add_argument("--eval-context", type=int, default=256, help="evaluator's window (n_positions)")
-    p.add_argument("--eval-width", type=int, default=128, help="evaluator's n_embd (n_head = width / 32)")
-    p.add_argument("--eval-layers", type=int, default=2)
-    p.add_argument("--samples", type=int, default=32, help="sequences sampled per (model, step count)")
-    p.add_argument("--repeats", type=int, default=2, help="timed sampling runs per cell (the fastest is kept)")
+    p.add_argument("--samples", type=int, default=256, help="sequences per cell (>= 256 for the goal's intervals)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=default_device(),
-                   help="device of sampling and scoring (training picks its own)")
+    p.add_argument("--device", default="cpu", help="device of sampling (training picks its own)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of every stage")
     args = p.parse_args(argv)
-    k = args.start_steps
-    if k < 2 or k & (k - 1):
-        p.error(f"--start-steps must be a power of two >= 2, got {k}")
-    if not 1 <= args.rounds or k >> args.rounds < 1:
-        p.error(f"--rounds must be in [1, log2(--start-steps)], got {args.rounds}")
-    if args.eval_width % 32:
-        p.error("--eval-width must be a multiple of 32")
+    k = args.seq_len - 1
+    if k < 8 or k & (k - 1):
+        p.error(f"--seq-len - 1 must be a power of two >= 8, got {k}")
+    if k >> args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: K = {k} cannot be halved that often")
     return args
 
 
@@ -94,181 +84,172 @@ def key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def run_script(script: str, args: list[str], log: Path, threads: int) -> None:
-    """``python SCRIPT ARGS`` (one process, the engine's own single-rank setup), output to ``log``."""
+def run_script(script: str, args: list[str], log: Path, threads: int) -> float:
+    """``python SCRIPT ARGS`` (one process, the engine's own single-rank setup), appended to ``log``;
+    returns its seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as out:
+    start = time.perf_counter()
+    with log.open("a") as out:
         done = subprocess.run([sys.executable, script, "--no-progress", *args], cwd=REPO, env=env, stdout=out,
                               stderr=subprocess.STDOUT)
     if done.returncode != 0:
         sys.exit(f"{script} failed ({done.returncode}); its output: {log}\n{log.read_text()[-3000:]}")
+    return time.perf_counter() - start
 
 
-def finished(run: Path, steps: int) -> bool:
+def trained_to(run: Path) -> int:
     done = complete_checkpoints(run / "checkpoints")
-    return bool(done) and done[-1].name == f"step_{steps:08d}"
+    return int(done[-1].name.split("_")[1]) if done else 0
 
 
-def train_runs(args, data: Path, data_key: dict) -> tuple[Path, Path]:
-    """(teacher run folder, student run folder), trained unless cached."""
-    budget = ["--eval-every", "0", "--eval-batches", "1", "--ckpt-every", "0", "--sample-steps", "2",
-              "--num-samples", "1", "--global-batch", str(args.batch), "--micro-batch", str(args.batch),
-              "--seed", str(args.seed), "--data", str(data), "--ds_config", "ds_configs/zero2.json"]
-    teacher_key = dict(data_key, model=args.model, steps=args.teacher_train_steps, lr=args.teacher_lr,
-                       batch=args.batch, seed=args.seed)
-    teacher = Path(args.cache) / f"teacher-{key(teacher_key)}"
-    if not finished(teacher, args.teacher_train_steps):
-        print(f"training the teacher ({args.model}, {args.teacher_train_steps} steps) into {teacher} ...", flush=True)
-        start = time.perf_counter()
-        run_script("pgm_dist/train.py", [*budget, "--model", args.model, "--out", str(teacher), "--max-steps",
-                                         str(args.teacher_train_steps), "--lr", str(args.teacher_lr)],
-                   teacher / "train.log", args.threads)
-        print(f"  {time.perf_counter() - start:.0f} s", flush=True)
-    student_key = dict(teacher=teacher_key, start=args.start_steps, rounds=args.rounds, steps=args.round_steps,
-                       lr=args.distill_lr)
-    student = Path(args.cache) / f"student-{key(student_key)}"
-    if not finished(student, args.rounds * args.round_steps):
-        print(f"distilling for {args.rounds} rounds of {args.round_steps} steps from K={args.start_steps} "
-              f"into {student} ...", flush=True)
-        start = time.perf_counter()
-        run_script("pgm_dist/distill.py", [*budget, "--teacher", str(teacher), "--out", str(student),
-                                           "--start-steps", str(args.start_steps), "--teacher-steps", "2",
-                                           "--rounds", str(args.rounds), "--round-steps", str(args.round_steps),
-                                           "--min-steps", "1", "--lr", str(args.distill_lr),
-                                           "--eval-samples", "1"],
-                   student / "distill.log", args.threads)
-        print(f"  {time.perf_counter() - start:.0f} s", flush=True)
-    return teacher, student
+def train(run: Path, model: str, steps: int, args, data: Path, lr: float) -> float:
+    """Train (or go on training) ``run`` to ``steps``; seconds spent (0 when cached)."""
+    if trained_to(run) >= steps:
+        return 0.0
+    return run_script("pgm_dist/train.py", [
+        "--data", str(data), "--model", model, "--out", str(run), "--max-steps", str(steps), "--lr", str(lr),
+        "--global-batch", str(args.batch), "--micro-batch", str(args.batch), "--eval-every", "0",
+        "--eval-batches", "1", "--ckpt-every", "0", "--keep-last", "1", "--sample-steps", "2", "--num-samples", "1",
+        "--warmup-steps", "100", "--seed", str(args.seed)], run / "train.log", args.threads)
 
 
-def decoded_blocks(data: Path, split: str, count: int, seed: int) -> list[str]:
-    """``count`` blocks of ``split`` drawn at random across all its shards, decoded to text."""
-    meta = DatasetMeta.load(data)
-    blocks = [b for url in expand_sources(str(data / f"{split}-*.tar")) for b in read_samples(url, meta.seq_len)]
-    random.Random(seed).shuffle(blocks)
-    tokenizer = Tokenizer(data / "tokenizer.model")
-    return [tokenizer.decode(b.tolist()) for b in blocks[:count]]
-
-
-def train_evaluator(args, data: Path, data_key: dict) -> Path:
-    """A GPT-2 trained on decoded training blocks, saved with its tokenizer (cached)."""
-    from tokenizers import Tokenizer as BPE
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    settings = dict(data_key, blocks=args.eval_train_blocks, vocab=args.eval_vocab, steps=args.eval_train_steps,
-                    batch=args.eval_batch, context=args.eval_context, width=args.eval_width,
-                    layers=args.eval_layers, seed=args.seed)
-    out = Path(args.cache) / f"evaluator-{key(settings)}"
-    if (out / "config.json").is_file():
-        return out
-    print(f"training the evaluator (GPT-2 {args.eval_layers}x{args.eval_width}, {args.eval_train_steps} steps) "
-          f"into {out} ...", flush=True)
-    start = time.perf_counter()
-    texts = decoded_blocks(data, "train", args.eval_train_blocks, args.seed)
-    bpe = BPE(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=args.eval_vocab, special_tokens=[EVAL_BOS],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EVAL_BOS, eos_token=EVAL_BOS)
-    # One stream, each block after a BOS as gen_ppl scores a sample; windows are drawn from it.
-    bos = tokenizer.bos_token_id
-    stream = torch.tensor([i for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]
-                           for i in [bos, *ids]])
-    torch.manual_seed(args.seed)
-    config = GPT2Config(vocab_size=bpe.get_vocab_size(), n_positions=args.eval_context, n_embd=args.eval_width,
-                        n_layer=args.eval_layers, n_head=args.eval_width // 32, bos_token_id=bos, eos_token_id=bos)
-    model = GPT2LMHeadModel(config).to(args.device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    warmup = max(1, args.eval_train_steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    generator = torch.Generator().manual_seed(args.seed)
-    for step in range(args.eval_train_steps):
-        starts = torch.randint(0, len(stream) - args.eval_context, (args.eval_batch,), generator=generator)
-        batch = torch.stack([stream[s:s + args.eval_context] for s in starts.tolist()]).to(args.device)
-        loss = model(batch, labels=batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-    print(f"  {time.perf_counter() - start:.0f} s, final training loss {loss.item():.3f} "
-          f"({len(stream):,} ids in {len(texts)} blocks)", flush=True)
-    tmp = out.with_name(out.name + ".tmp")
-    model.cpu().save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)  # only a finished evaluator is ever reused
-    return out
-
-
-def measure(model, steps: int, args, decode, evaluator) -> dict:
-    """gen_ppl and entropy of ``--samples`` sequences; tokens/s: the fastest of ``--repeats`` runs."""
-    values, _ = sample_quality(model, args.samples, steps, torch.Generator(args.device).manual_seed(args.seed),
-                               decode, evaluator)
-    for r in range(1, args.repeats):
-        again, _ = sample_quality(model, args.samples, steps,
-                                  torch.Generator(args.device).manual_seed(args.seed + r), decode)
-        values["sampling_tokens_per_s"] = max(values["sampling_tokens_per_s"], again["sampling_tokens_per_s"])
+def cell(model, steps: int, sampler: str, args, source: MarkovSource, decode) -> dict:
+    """Exact quality of ``--samples`` sequences; the same generator for every model of a cell."""
+    generator = torch.Generator(args.device).manual_seed(args.seed * 1000 + steps)
+    values, _ = sample_quality(model, args.samples, steps, generator, decode, sampler=sampler, source=source)
     return values
 
 
-def main(argv=None) -> list[dict]:
+def teacher_gap(run: Path, args, source: MarkovSource, k: int) -> tuple[dict, dict]:
+    loaded = load_model(run, args.device)
+    return (cell(loaded.model, k, "uniform", args, source, loaded.tokenizer.decode),
+            cell(loaded.model, k // 4, "uniform", args, source, loaded.tokenizer.decode))
+
+
+def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     wall = time.perf_counter()
+    k = args.seq_len - 1
     data = Path(args.data)
-    build(data, None, BuildSettings(vocab_size=args.vocab_size, seq_len=args.seq_len), progress=False,
-          log=lambda msg: print(msg, flush=True))
-    data_key = dict(data=str(data.resolve()), vocab=args.vocab_size, seq_len=args.seq_len)
-    teacher_run, student_run = train_runs(args, data, data_key)
-    evaluator = load_evaluator(train_evaluator(args, data, data_key), args.device)
+    settings = SyntheticSettings(vocab=args.vocab, successors=args.successors, seq_len=args.seq_len,
+                                 seed=args.seed, train_sequences=args.train_sequences)
+    build_synthetic(data, settings, log=lambda msg: print(msg, flush=True))
+    source = MarkovSource.load(data / SOURCE_FILE)
+    base = dict(data=vars(settings), batch=args.batch, lr=args.lr, seed=args.seed)
+    cache = Path(args.cache)
+    seconds = {}
 
-    teacher, student = load_model(teacher_run, args.device), load_model(student_run, args.device)
-    decode = teacher.tokenizer.decode
-    k = args.start_steps
-    step_counts = [k >> i for i in range(max(args.rounds, 2) + 2) if k >> i >= 1]
-    for loaded in (teacher, student):  # warm-up at the timed batch: the first call of a shape compiles kernels
-        sample_quality(loaded.model, args.samples, 2, torch.Generator(args.device).manual_seed(0), decode)
+    # 1. the teacher, until sampling at K/4 steps is measurably worse than at K
+    teacher = cache / f"teacher-{key(dict(base, model=args.model))}"
+    target, seconds["teacher"] = max(args.teacher_chunk, trained_to(teacher)), 0.0
+    while True:
+        seconds["teacher"] += train(teacher, args.model, target, args, data, args.lr)
+        at_k, at_quarter = teacher_gap(teacher, args, source, k)
+        gap = at_quarter["nll"] - at_k["nll"]
+        print(f"teacher at {trained_to(teacher)} steps: NLL {at_k['nll']:.4f} at K={k} "
+              f"[{at_k['nll_low']:.4f}, {at_k['nll_high']:.4f}], {at_quarter['nll']:.4f} at K/4 "
+              f"[{at_quarter['nll_low']:.4f}, {at_quarter['nll_high']:.4f}]: gap {gap:+.4f} nats/symbol "
+              f"(source entropy {at_k['source_entropy']:.4f})", flush=True)
+        if at_quarter["nll_low"] > at_k["nll_high"]:
+            break
+        if trained_to(teacher) >= args.teacher_max_steps:
+            sys.exit(f"no measurable gap between K={k} and K/4={k // 4} steps after {trained_to(teacher)} teacher "
+                     "steps: nothing for distillation to close. Train longer (--teacher-max-steps), or use a "
+                     "source with stronger dependencies (fewer --successors)")
+        target = trained_to(teacher) + args.teacher_chunk
+    teacher_steps = trained_to(teacher)
+    distill_steps = args.rounds * args.round_steps
+
+    # 2. the student
+    student = cache / f"student-{key(dict(base, teacher=teacher.name, at=teacher_steps, rounds=args.rounds,
+                                           round_steps=args.round_steps, lr=args.distill_lr))}"
+    seconds["student"] = 0.0
+    if trained_to(student) < distill_steps:
+        seconds["student"] = run_script("pgm_dist/distill.py", [
+            "--teacher", str(teacher), "--data", str(data), "--out", str(student), "--init-from", "ema",
+            "--start-steps", str(k), "--teacher-steps", "2", "--rounds", str(args.rounds), "--round-steps",
+            str(args.round_steps), "--min-steps", "1", "--lr", str(args.distill_lr), "--global-batch", str(args.batch),
+            "--micro-batch", str(args.batch), "--eval-every", "0", "--eval-batches", "1", "--ckpt-every", "0",
+            "--keep-last", "1", "--eval-samples", "8", "--eval-sampler", "uniform", "--sample-steps", "2",
+            "--num-samples", "1", "--seed", str(args.seed)], student / "distill.log", args.threads)
+
+    # 3. controls: the teacher trained on as long, and the MDLM with the teacher's whole budget
+    extra = cache / f"teacher-extra-{key(dict(base, teacher=teacher.name, at=teacher_steps, extra=distill_steps))}"
+    if trained_to(extra) < teacher_steps + distill_steps and not (extra / "checkpoints").exists():
+        shutil.copytree(teacher, extra, ignore=shutil.ignore_patterns("tb", "lease.json"))
+    seconds["teacher_extra"] = train(extra, args.model, teacher_steps + distill_steps, args, data, args.lr)
+    mdlm = cache / f"mdlm-{key(dict(base, model=args.mdlm))}"
+    seconds["mdlm"] = train(mdlm, args.mdlm, teacher_steps + distill_steps, args, data, args.lr)
+
+    # 4. the table
+    models = {"teacher": load_model(teacher, args.device), "teacher+extra": load_model(extra, args.device),
+              "student": load_model(student, args.device)}
+    mdlm_model = load_model(mdlm, args.device)
+    decode = models["teacher"].tokenizer.decode
+    counts = [k >> i for i in range(4)]
+    for loaded in (*models.values(), mdlm_model):  # warm-up
+        cell(loaded.model, 2, "uniform", args, source, decode)
     rows = []
-    for steps in step_counts:  # teacher and student side by side, so that load changes hit both alike
-        for name, loaded in (("teacher", teacher), (f"student r{args.rounds}", student)):
-            rows.append(dict(model=name, **measure(loaded.model, steps, args, decode, evaluator)))
-            print(f"  {name} at {steps} steps: {rows[-1]}", flush=True)
-    held_out = decoded_blocks(data, "val", args.samples, args.seed)
-    val_ids = [torch.tensor(teacher.tokenizer.encode(text)) for text in held_out if text]  # rows of any length
-    reference = dict(gen_ppl=generative_perplexity(evaluator, held_out), entropy=unigram_entropy(val_ids))
+    for steps in counts:
+        for sampler in SAMPLERS:
+            for name, loaded in models.items():
+                values = cell(loaded.model, steps, sampler, args, source, decode)
+                rows.append(dict(model=name, sampler=sampler, **values))
+        rows.append(dict(model=f"MDLM ({args.mdlm})", sampler="ancestral",
+                         **cell(mdlm_model.model, steps, "uniform", args, source, decode)))
+    precision = teacher_precision(args.model, batch=args.batch, seq_len=args.seq_len, vocab_size=args.vocab + 2,
+                                  device=args.device)
 
-    def cell(name, steps):
-        return next(r for r in rows if r["model"].startswith(name) and r["sampling_steps"] == steps)
-
-    base = cell("teacher", k)["sampling_tokens_per_s"]
-    print(f"\ncorpus: built-in, vocab {args.vocab_size}, L {args.seq_len}; teacher {args.model} "
-          f"{args.teacher_train_steps} steps; student: {args.rounds} rounds x {args.round_steps} steps from K={k}; "
-          f"{args.samples} samples per cell; device {args.device}")
-    print(f"evaluator: GPT-2 {args.eval_layers}x{args.eval_width}, BPE {args.eval_vocab}, "
-          f"{args.eval_train_steps} steps; held-out blocks: gen-PPL {reference['gen_ppl']:.1f}, "
-          f"entropy {reference['entropy']:.3f}\n")
-    print("| model | steps | gen-PPL | entropy (nats) | tokens/s | speed vs teacher@K |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    ideal = rows[0]["source_entropy"]
+    print(f"\nsource: order-1 Markov, {args.vocab} symbols, {args.successors} likely successors, L {args.seq_len} "
+          f"(K = {k}); entropy {ideal:.4f} nats/symbol, unigram entropy of its sequences "
+          f"{rows[0]['source_unigram_entropy']:.4f}")
+    print(f"teacher {args.model}: {teacher_steps} steps; student: {args.rounds} rounds x {args.round_steps} steps "
+          f"from K={k}; controls: the teacher + {distill_steps} steps, {args.mdlm} {teacher_steps + distill_steps} "
+          f"steps; batch {args.batch}; {args.samples} samples per cell; {args.device}\n")
+    print("| model | sampler | steps | NLL (nats/symbol) | 95% CI | gap to source | unigram entropy | tokens/s |")
+    print("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['model']} | {r['sampling_steps']} | {r['gen_ppl']:.1f} | {r['entropy']:.3f} | "
-              f"{r['sampling_tokens_per_s']:.0f} | {r['sampling_tokens_per_s'] / base:.2f}x |")
-    quarter = k // 4
-    if quarter >= 1:
-        s, t, t_k = cell("student", quarter), cell("teacher", quarter), cell("teacher", k)
-        drift = abs(s["entropy"] - t_k["entropy"]) / t_k["entropy"]
-        print(f"\ngoal check at K/4 = {quarter} steps (measured, not enforced):")
-        print(f"- gen-PPL: student {s['gen_ppl']:.1f} vs teacher {t['gen_ppl']:.1f} at {quarter} steps: "
-              f"{'lower' if s['gen_ppl'] < t['gen_ppl'] else 'NOT lower'}")
-        print(f"- entropy: student {s['entropy']:.3f} vs teacher at {k} steps {t_k['entropy']:.3f}: "
-              f"{100 * drift:.1f}% apart ({'within' if drift <= 0.05 else 'NOT within'} 5%)")
-        print(f"- speed: student at {quarter} steps {s['sampling_tokens_per_s'] / base:.2f}x the teacher at {k} "
-              f"steps (goal ~4x)")
-    print(f"\nwall time {time.perf_counter() - wall:.0f} s")
-    return rows
+        print(f"| {r['model']} | {r['sampler']} | {r['sampling_steps']} | {r['nll']:.4f} | "
+              f"{r['nll_low']:.4f}-{r['nll_high']:.4f} | {r['nll_gap']:+.4f} | {r['entropy']:.4f} | "
+              f"{r['sampling_tokens_per_s']:,.0f} |")
+
+    def get(model, sampler, steps):
+        return next(r for r in rows if r["model"] == model and r["sampler"] == sampler and r["sampling_steps"] == steps)
+
+    print("\ngoal check (measured, not enforced): the student closes >= 1/2 of the teacher's gap to its own "
+          "K-step NLL, intervals apart, unigram entropy within 2% of the source's "
+          f"({rows[0]['source_unigram_entropy']:.4f})")
+    goal = {}
+    for sampler in SAMPLERS:
+        for steps in (k // 4, k // 8):
+            t, s, t_k = get("teacher", sampler, steps), get("student", sampler, steps), get("teacher", sampler, k)
+            gap = t["nll"] - t_k["nll"]
+            closed = (t["nll"] - s["nll"]) / gap if gap > 0 else float("nan")
+            apart = s["nll_high"] < t["nll_low"]
+            drift = abs(s["entropy"] - s["source_unigram_entropy"]) / s["source_unigram_entropy"]
+            met = closed >= 0.5 and apart and drift <= 0.02
+            goal[(sampler, steps)] = met
+            print(f"- {sampler}, {steps} steps: teacher {t['nll']:.4f}, student {s['nll']:.4f}, teacher at K "
+                  f"{t_k['nll']:.4f}: closed {100 * closed:.0f}% of the gap "
+                  f"({'apart' if apart else 'intervals overlap'}); "
+                  f"unigram entropy {100 * drift:.1f}% from the source's -> {'met' if met else 'NOT met'}")
+    m_k = get(f"MDLM ({args.mdlm})", "ancestral", k)
+    fast = [r for r in rows if r["model"] == "student" and r["sampler"] == "uniform" and r["nll"] <= m_k["nll"]]
+    if fast:
+        best = min(fast, key=lambda r: r["sampling_steps"])
+        print(f"- speed: the student at {best['sampling_steps']} steps (NLL {best['nll']:.4f} <= MDLM's "
+              f"{m_k['nll']:.4f} at {k}) samples {best['sampling_tokens_per_s'] / m_k['sampling_tokens_per_s']:.1f}x "
+              "as many tokens/s as the MDLM at K")
+    else:
+        print(f"- speed: no student cell reaches the MDLM's NLL at K ({m_k['nll']:.4f})")
+    print(f"\nteacher precision ({args.model}, the distillation batch):\n"
+          + precision_table(precision, f"batch {args.batch}, L {args.seq_len}, {args.device}"))
+    print(f"\ntraining seconds (0: cached): {json.dumps({n: round(s) for n, s in seconds.items()})}; "
+          f"wall time {time.perf_counter() - wall:.0f} s")
+    return {"rows": rows, "goal": goal, "precision": precision, "teacher_steps": teacher_steps}
 
 
 if __name__ == "__main__":

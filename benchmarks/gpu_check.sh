@@ -16,6 +16,9 @@
 #   sampling           PGM vs MDLM, batch 32, L 1024, 128 steps, bf16 (the paper: 5.3x)
 #   image_sampling     pgm-img-b's Halton sampler vs a MaskGIT-style baseline, batch 64, 32 steps
 #                      (the paper: 7.5x on the 32x32 grid)
+#   sdtt_teacher       one SDTT distillation micro-step at pgm-small's shape, L 1024: the teacher in fp32
+#                      beside the teacher under bf16 autocast (the student's precision), and the bf16
+#                      target's KL from the fp32 one
 #   train_step_compile the train_step row of Triton, chunk 1024, with --compile (last: its compile
 #                      time is the least certain)
 # Usage (repository root): bash benchmarks/gpu_check.sh [--cpu-smoke] [OUT_DIR]
@@ -53,6 +56,7 @@ if ((smoke)); then
     train=(--presets pgm-tiny --vocab-size 256 --seq-len 32 --batch 2 --steps 1 --dtype float32)
     sampling=(--pgm pgm-tiny --mdlm mdlm-tiny --vocab-size 512 --batch 2 --seq-len 64 --steps 4 --dtype float32)
     image=(--pgm pgm-img-tiny --grids digits --batch 4 --steps 4 --repeats 1)
+    teacher=(--preset pgm-tiny --batch 2 --seq-len 32 --vocab-size 256 --repeats 1)
     device=cpu
 else
     mode="GPU run"
@@ -67,6 +71,7 @@ else
     train=(--presets pgm-small --vocab-size 50258 --seq-len 1024 --batch 8 --steps 5 --dtype bfloat16)
     sampling=(--batch 32 --seq-len 1024 --steps 128 --dtype bfloat16)
     image=(--pgm pgm-img-b --batch 64 --steps 32)
+    teacher=(--preset pgm-small --batch 8 --seq-len 1024 --vocab-size 50258 --repeats 5)
     device=cuda
 fi
 
@@ -149,6 +154,7 @@ step train_step_plain 45 python benchmarks/train_step.py --engines plain --backe
     --checkpointing off --target-mfu 0.4 --device $device "${train[@]}"
 step sampling 75 python benchmarks/sampling.py --device $device "${sampling[@]}"
 step image_sampling 75 python benchmarks/image_sampling.py --device $device "${image[@]}"
+step sdtt_teacher 60 python benchmarks/sdtt_teacher.py --device $device "${teacher[@]}"
 step train_step_compile 150 python benchmarks/train_step.py --engines deepspeed --backends triton --loss-chunks 1024 \
     --checkpointing off --compile on --target-mfu 0.4 --device $device "${train[@]}"
 rm -f "$out/sections.md"

@@ -1,6 +1,8 @@
 """``python -m pgm_dist.evaluate --model DIR [--data DIR]``: validation NELBO and perplexity
 with the EMA weights, numbers reproducible with ``--seed``; by default on the validation
-shards of the data folder the model was trained on."""
+shards of the data folder the model was trained on. With ``--eval-model``, samples are scored by a
+causal LM (generative perplexity); on a synthetic folder (``python -m pgm_dist.data
+build-synthetic``) they are always scored exactly under its Markov source."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +15,8 @@ from pgm_dist.common.cli import HelpFormatter, default_device, run_cli
 from pgm_dist.common.errors import DataError
 from pgm_dist.data.loader import ValidationLoader
 from pgm_dist.data.shards import DataFolder
-from pgm_dist.evaluation.gen_ppl import load_evaluator, sample_quality
+from pgm_dist.data.synthetic import SOURCE_FILE, MarkovSource
+from pgm_dist.evaluation.gen_ppl import PROTOCOLS, eval_samplers, load_evaluator, sample_quality
 from pgm_dist.evaluation.nelbo import nelbo_and_perplexity, nelbo_sums
 from pgm_dist.training.components import objective_for
 
@@ -32,8 +35,15 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-model", default=None,
                         help="also sample --samples sequences in --steps steps and report their unigram entropy and "
                              "generative perplexity under this Hugging Face causal LM folder (pip install -e '.[eval]')")
-    parser.add_argument("--samples", type=int, default=16, help="sequences sampled with --eval-model")
-    parser.add_argument("--steps", type=int, default=64, help="sampling steps with --eval-model")
+    parser.add_argument("--samples", type=int, default=16,
+                        help="sequences sampled with --eval-model or on a synthetic folder")
+    parser.add_argument("--steps", type=int, default=64, help="sampling steps of those samples")
+    parser.add_argument("--sampler", default="both", choices=("both", "uniform", "binomial"),
+                        help="PGM sampler(s) of the samples: uniform (near-equal chunks), binomial (per-position "
+                             "reveals, what SDTT students imitate) or both; MDLM samples with its own")
+    parser.add_argument("--gen-ppl-protocol", default="first", choices=PROTOCOLS,
+                        help="a sample longer than the evaluator's window: score its first window only (the "
+                             "paper's protocol) or strided windows (each token once, with up to a window of context)")
     args = parser.parse_args(argv)
     return run_cli(lambda: evaluate(args))
 
@@ -66,13 +76,27 @@ def evaluate(args: argparse.Namespace) -> None:
     nelbo, ppl = nelbo_and_perplexity(total)
     print(f"model {loaded.source}\ndata {folder.path} ({origin})\nvalidation tokens {int(total[1].item())}\n"
           f"NELBO {nelbo:.6f} nats/token\nperplexity {ppl:.4f}")
+    if folder.meta.synthetic is not None:
+        source = MarkovSource.load(folder.path / SOURCE_FILE)
+        for sampler in eval_samplers(args.sampler, loaded.config.arch):
+            generator = torch.Generator(args.device).manual_seed(args.seed)
+            q, _ = sample_quality(loaded.model, args.samples, args.steps, generator, loaded.tokenizer.decode,
+                                  sampler=sampler, source=source)
+            print(f"{args.samples} samples in {args.steps} steps, {sampler} sampler "
+                  f"({q['sampling_tokens_per_s']:,.0f} tokens/s): exact NLL under the source {q['nll']:.4f} "
+                  "nats/symbol "
+                  f"(95% CI {q['nll_low']:.4f}-{q['nll_high']:.4f}), source entropy {q['source_entropy']:.4f} "
+                  f"(gap {q['nll_gap']:+.4f}), unigram entropy {q['entropy']:.4f} nats "
+                  f"(the source's {q['source_unigram_entropy']:.4f}); {q['invalid']} special ids among the symbols")
     if evaluator is not None:
-        generator = torch.Generator(args.device).manual_seed(args.seed)
-        quality, _ = sample_quality(loaded.model, args.samples, args.steps, generator, loaded.tokenizer.decode,
-                                    evaluator)
-        print(f"{args.samples} samples in {args.steps} steps ({quality['sampling_tokens_per_s']:,.0f} tokens/s): "
-              f"generative perplexity {quality['gen_ppl']:.4f} under {args.eval_model}, "
-              f"unigram entropy {quality['entropy']:.4f} nats")
+        for sampler in eval_samplers(args.sampler, loaded.config.arch):
+            generator = torch.Generator(args.device).manual_seed(args.seed)
+            quality, _ = sample_quality(loaded.model, args.samples, args.steps, generator, loaded.tokenizer.decode,
+                                        evaluator, sampler, args.gen_ppl_protocol)
+            print(f"{args.samples} samples in {args.steps} steps, {sampler} sampler "
+                  f"({quality['sampling_tokens_per_s']:,.0f} tokens/s): generative perplexity "
+                  f"{quality['gen_ppl']:.4f} under {args.eval_model} ({args.gen_ppl_protocol}-window protocol), "
+                  f"unigram entropy {quality['entropy']:.4f} nats")
 
 
 if __name__ == "__main__":

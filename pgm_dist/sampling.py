@@ -187,10 +187,12 @@ def sample_mdlm(model, batch_size: int, steps: int, *, temperature: float = 1.0,
 
 
 def generate(model, batch_size: int, steps: int, *, prompt: Prompt | None = None, temperature: float = 1.0,
-             top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-    """Sample with the sampler of the model's architecture (PGM: uniform; MDLM: ancestral)."""
+             top_p: float = 1.0, generator: torch.Generator | None = None, mode: str = "uniform") -> Tensor:
+    """Sample with the sampler of the model's architecture: a PGM with ``mode`` (see
+    :func:`sample_pgm`; default uniform), MDLM with its ancestral sampler (whose reveals are
+    per-position, like the PGM's binomial mode; ``mode`` is not used)."""
     if model.config.arch == "pgm":
-        return sample_pgm(model, batch_size, steps, prompt=prompt, temperature=temperature, top_p=top_p,
+        return sample_pgm(model, batch_size, steps, mode=mode, prompt=prompt, temperature=temperature, top_p=top_p,
                           generator=generator)
     if prompt:
         raise ValueError("prompts are supported for PGM models only")

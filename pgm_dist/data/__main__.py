@@ -1,5 +1,6 @@
 """``python -m pgm_dist.data build --out DIR [...]``: build tokenized WebDataset shards;
-``python -m pgm_dist.data build-images --digits | --vq PATH --input FOLDER --out DIR``: image shards."""
+``python -m pgm_dist.data build-images --digits | --vq PATH --input FOLDER --out DIR``: image shards;
+``python -m pgm_dist.data build-synthetic --out DIR [...]``: shards of a Markov source whose likelihood is known."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from pgm_dist.common.cli import HelpFormatter, run_cli
 from pgm_dist.data.builder import AUTO_MIN_TRAIN_SHARDS, DEFAULT_SAMPLES_PER_SHARD, BuildSettings, build
+from pgm_dist.data.synthetic import SyntheticSettings, build_synthetic
 from pgm_dist.images.data import add_build_images_parser, build_images_command
 
 
@@ -36,8 +38,37 @@ def main(argv=None) -> int:
     b.add_argument("--workers", type=int, default=defaults.workers, help="tokenizer processes")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_build_images_parser(commands)
+    add_build_synthetic_parser(commands)
     args = parser.parse_args(argv)
-    return run_cli(lambda: build_images_command(args) if args.command == "build-images" else build_text(args))
+    commands = {"build": build_text, "build-images": build_images_command, "build-synthetic": build_synthetic_command}
+    return run_cli(lambda: commands[args.command](args))
+
+
+def add_build_synthetic_parser(commands) -> None:
+    defaults = SyntheticSettings()
+    s = commands.add_parser(
+        "build-synthetic", formatter_class=HelpFormatter,
+        help="shards of a random sparse Markov source with a known likelihood (exact sample evaluation)",
+        description="Shards of a random sparse Markov source (BOS, then one chain per sequence), its tables in "
+                    "DIR/source.npz: python -m pgm_dist.evaluate then scores a model's samples exactly under it.")
+    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s.add_argument("--vocab", type=int, default=defaults.vocab, help="symbols (the model's vocabulary adds BOS, EOS)")
+    s.add_argument("--order", type=int, choices=(1, 2), default=defaults.order, help="Markov order")
+    s.add_argument("--successors", type=int, default=defaults.successors, help="likely successors of each state")
+    s.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per sequence, BOS included")
+    s.add_argument("--seed", type=int, default=defaults.seed, help="the source's and the samples' seed")
+    s.add_argument("--smoothing", type=float, default=defaults.smoothing,
+                   help="probability mass every state spreads over all symbols")
+    s.add_argument("--train-sequences", type=int, default=defaults.train_sequences, help="training sequences")
+    s.add_argument("--val-sequences", type=int, default=defaults.val_sequences, help="validation sequences")
+    s.add_argument("--samples-per-shard", type=int, default=None, help="sequences per shard (default: automatic)")
+
+
+def build_synthetic_command(args: argparse.Namespace) -> None:
+    build_synthetic(args.out, SyntheticSettings(
+        vocab=args.vocab, order=args.order, successors=args.successors, seq_len=args.seq_len, seed=args.seed,
+        smoothing=args.smoothing, train_sequences=args.train_sequences, val_sequences=args.val_sequences,
+        samples_per_shard=args.samples_per_shard))
 
 
 def build_text(args: argparse.Namespace) -> None:

@@ -144,6 +144,8 @@ class DatasetMeta:
     # Image folders only: {"grid": [H, W], "codebook_size": K, "num_classes": C, "class_names": [...],
     # "source": "digits" | "vq", "vq": VQConfig fields | None}; tokens are [BOS=K, row-major grid].
     image: dict | None = None
+    # Synthetic folders only (pgm_dist.data.synthetic): the source's settings and its entropy per symbol.
+    synthetic: dict | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

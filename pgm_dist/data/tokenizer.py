@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -13,8 +14,33 @@ from pgm_dist.common.files import file_sha256
 SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
 
 
+# The first bytes of an id codec's file (a synthetic folder's ``tokenizer.model``): its symbols are ids.
+ID_CODEC_MAGIC = b'{"codec": "ids"'
+
+
+def write_id_codec(path: Path, vocab_size: int, *, bos: int, eos: int) -> None:
+    """An id codec in ``path``: the ``tokenizer.model`` of a folder whose tokens are symbols, not text
+    (pgm_dist.data.synthetic). Checkpoints and exports carry it like a sentencepiece model."""
+    text = json.dumps({"codec": "ids", "vocab_size": vocab_size, "bos": bos, "eos": eos})
+    path.write_text(text)
+
+
+class IdCodec:
+    """Symbols are ids: encode reads space-separated integers, decode writes them (specials dropped)."""
+
+    def __init__(self, values: dict):
+        self.vocab_size, self.bos_id, self.eos_id = values["vocab_size"], values["bos"], values["eos"]
+        self.pad_id = self.eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return [int(word) for word in text.split()]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join(str(int(i)) for i in ids if int(i) not in (self.bos_id, self.eos_id))
+
+
 class Tokenizer:
-    """A trained sentencepiece model with BOS/EOS/PAD ids reserved."""
+    """A trained sentencepiece model with BOS/EOS/PAD ids reserved, or (a synthetic folder's) an id codec."""
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
@@ -23,33 +49,37 @@ class Tokenizer:
                 f"tokenizer {path} not found: build the data folder with `python -m pgm_dist.data build`, "
                 "or pass --tokenizer")
         self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        data = path.read_bytes()
+        self.ids = IdCodec(json.loads(data)) if data.startswith(ID_CODEC_MAGIC) else None
+        self.sp = None if self.ids else spm.SentencePieceProcessor(model_file=str(path))
         self.sha256 = file_sha256(path)
 
     @property
     def vocab_size(self) -> int:
-        return self.sp.get_piece_size()
+        return self.ids.vocab_size if self.ids else self.sp.get_piece_size()
 
     @property
     def bos_id(self) -> int:
-        return self.sp.bos_id()
+        return self.ids.bos_id if self.ids else self.sp.bos_id()
 
     @property
     def eos_id(self) -> int:
-        return self.sp.eos_id()
+        return self.ids.eos_id if self.ids else self.sp.eos_id()
 
     @property
     def pad_id(self) -> int:
-        return self.sp.pad_id()
+        return self.ids.pad_id if self.ids else self.sp.pad_id()
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        return self.ids.encode(text) if self.ids else self.sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
+        return [self.ids.encode(text) for text in texts] if self.ids else self.sp.encode(texts)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Decode ids, dropping the special BOS/EOS/PAD ids."""
+        if self.ids:
+            return self.ids.decode(ids)
         special = {self.bos_id, self.eos_id, self.pad_id}
         return self.sp.decode([int(i) for i in ids if int(i) not in special])
 

@@ -15,6 +15,8 @@ DEFAULT_TEACHER = Path("runs/default")
 
 
 INIT_SOURCES = ("auto", "raw", "ema")
+TEACHER_PRECISIONS = ("auto", "fp32", "bf16")
+EVAL_SAMPLERS = ("both", "uniform", "binomial")
 
 
 @dataclass
@@ -52,6 +54,12 @@ class DistillConfig(TrainConfig):
     eval_model: str | None = _opt(None, "a Hugging Face causal LM folder (pip install -e '.[eval]'): generative "
                                         "perplexity of the samples drawn at the end of each round")
     eval_samples: int = _opt(8, "sequences sampled with the EMA weights at the end of each round")
+    eval_sampler: str = _opt("both", "the PGM sampler(s) of the round-end samples: uniform (near-equal chunks), "
+                                     "binomial (per-position reveals, what SDTT's student imitates), or both",
+                             choices=EVAL_SAMPLERS)
+    teacher_precision: str = _opt("auto", "the teacher's compute precision: auto (the student's: bf16 autocast "
+                                          "when the run trains in bf16, else fp32), fp32, or bf16; its weights "
+                                          "stay fp32", choices=TEACHER_PRECISIONS)
 
     def __post_init__(self) -> None:
         try:

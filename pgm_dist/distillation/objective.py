@@ -11,6 +11,7 @@ called by the training loop after every optimizer step) drives the rounds with
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -114,6 +115,12 @@ class SDTTConfig:
         return min(self.rounds, fitting)
 
 
+def expected_masked_fraction(schedule: LogLinearSchedule, t_min: float) -> float:
+    """``E[1 - alpha(t)]`` for ``t`` uniform on ``[t_min, 1)`` (the engine's low-discrepancy times):
+    ``(1 - eps) (1 + t_min) / 2``, the masked share of a micro-batch in expectation."""
+    return (1 - schedule.eps) * (1 + t_min) / 2
+
+
 def noisy_input(tokens: Tensor, masked: Tensor, config) -> Tensor:
     """The network input at a masked set: MASK ids for MDLM; for a PGM any value is exact
     (group-1 tokens cannot reach group-1 logits), 0 is used. tokens, masked: [B, L]."""
@@ -189,6 +196,9 @@ class SDTTObjective:
         self.base = objective_for(teacher.config)  # validation NELBO: the pre-training one
         self.schedule = self.base.schedule  # the masking and reveals of pre-training
         self.round = 0  # 0-based: round r distils steps of size 2^r / start_steps
+        # Run the teacher under bf16 autocast (set by the task when the student trains in bf16): its two
+        # forward passes per step would otherwise cost several student steps on a GPU.
+        self.teacher_autocast = False
         self.round_start_step = 0  # the optimizer step count at which the current round began
 
     @classmethod
@@ -278,23 +288,47 @@ class SDTTObjective:
 
     # -- the engine's interface ----------------------------------------------------------
     def loss(self, model, tokens: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Mean over this micro-batch's masked positions of ``D(student || teacher target)``.
+        """``D(student || teacher target)`` summed over the masked positions, divided by the expected
+        masked count of the micro-batch (:meth:`divergence_loss`).
 
         tokens: [B, L]; t: [B]. The masked set is drawn as in pre-training (each token with
-        probability ``1 - alpha(t)``), then the teacher target, then one student pass on the
-        same input. Each masked position weighs the same within the micro-batch (as the
-        reference's ``batchmean``); a micro-batch without masked positions gives 0.
+        probability ``1 - alpha(t)``), then the teacher target (in the teacher's precision,
+        :attr:`teacher_autocast`), then one student pass on the same input.
         """
         arch = self.teacher.config
         masked = partition_groups(t, tokens.shape[1], self.schedule, generator)
         noisy = noisy_input(tokens, masked, arch)
-        target, _ = teacher_target(self.teacher, noisy, masked, t, self.dt, self.config.teacher_steps,
-                                   self.schedule, self.t_min, generator)
-        student = predictive_log_probs(model, noisy, masked, arch)
+        with self._teacher_precision(tokens.device):
+            target, _ = teacher_target(self.teacher, noisy, masked, t, self.dt, self.config.teacher_steps,
+                                       self.schedule, self.t_min, generator)
+        return self.divergence_loss(model, noisy, masked, target.float())
+
+    def divergence_loss(self, model, noisy: Tensor, masked: Tensor, target: Tensor) -> Tensor:
+        """The student's divergence from ``target`` at the ``masked`` positions, summed, over
+        ``B L`` times the expected masked fraction (:func:`expected_masked_fraction`), a count
+        that does not depend on the draw. Dividing by the micro-batch's own masked count (the
+        reference's ``batchmean``) would make the objective depend on how the global batch is
+        split: the engine averages micro-batches with equal weight, so the positions of a
+        low-noise micro-batch (few masked) would weigh more than those of a high-noise one, and
+        the weights would change with the micro-batch size, world size and accumulation. Here
+        every masked position of the global batch weighs the same, however it is split."""
+        student = predictive_log_probs(model, noisy, masked, self.teacher.config)
         per_position = DIVERGENCES[self.config.divergence](student[masked], target[masked])
-        return per_position.sum() / masked.sum().clamp_min(1)
+        return per_position.sum() / (masked.numel() * expected_masked_fraction(self.schedule, self.t_min))
+
+    def _teacher_precision(self, device: torch.device):
+        """bf16 autocast for the teacher when the student computes in bf16 (:attr:`teacher_autocast`);
+        the teacher's weights stay fp32 (and fp32 in the checkpoint)."""
+        if self.teacher_autocast:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @property
+    def eval_t_min(self) -> float:
+        """The validation NELBO's time floor: pre-training's, so that it stays comparable."""
+        return self.base.t_min
 
     def nelbo(self, model, tokens: Tensor, t: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
         """The pre-training NELBO terms of the student's architecture, so validation stays
-        comparable with pre-training."""
+        comparable with pre-training (at pre-training's time floor, :attr:`eval_t_min`)."""
         return self.base.nelbo(model, tokens, t, generator)

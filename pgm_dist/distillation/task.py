@@ -23,10 +23,11 @@ from pgm_dist.checkpoints.load import training_data_folder
 from pgm_dist.common.distributed import DistEnv
 from pgm_dist.common.errors import ConfigError
 from pgm_dist.common.seeding import sample_seed
+from pgm_dist.data.synthetic import SOURCE_FILE, MarkovSource
 from pgm_dist.distillation.config import DistillConfig
 from pgm_dist.distillation.objective import SDTTObjective
 from pgm_dist.distillation.teacher import find_teacher, initial_weights
-from pgm_dist.evaluation.gen_ppl import load_evaluator, sample_quality
+from pgm_dist.evaluation.gen_ppl import eval_samplers, load_evaluator, sample_quality
 from pgm_dist.models.config import ModelConfig
 from pgm_dist.training.components import Setup, Task
 from pgm_dist.training.setup import prepare
@@ -62,8 +63,9 @@ def reset_adam(engine) -> None:
 class DistillTask(Task):
     """The student from the teacher's weights, the SDTT objective, and the round hooks."""
 
-    def __init__(self, cfg: DistillConfig, init: dict[str, torch.Tensor] | None, evaluator=None):
+    def __init__(self, cfg: DistillConfig, init: dict[str, torch.Tensor] | None, evaluator=None, source=None):
         self.cfg, self.init, self.evaluator = cfg, init, evaluator
+        self.source = source  # a synthetic folder's Markov source: the round-end samples' exact NLL
         self.step_round = 0  # the round the latest optimizer step trained in (logged with its loss)
 
     def build(self, setup: Setup):
@@ -72,6 +74,8 @@ class DistillTask(Task):
             model.load_state_dict(self.init)
         objective = SDTTObjective.from_student(model, self.cfg.sdtt)
         objective.teacher.to(setup.device)
+        precision = self.cfg.teacher_precision
+        objective.teacher_autocast = precision == "bf16" or (precision == "auto" and setup.ds_config["bf16"]["enabled"])
         return model, objective
 
     def attach(self, loop, setup: Setup) -> None:
@@ -104,22 +108,26 @@ class DistillTask(Task):
 
     def evaluate_round(self, loop, setup: Setup, round_index: int) -> None:
         """Rank 0 (every rank under ZeRO-3, with the same generator): sample with the EMA weights at the
-        round's step count; rank 0 logs speed, unigram entropy and (with ``--eval-model``) generative
-        perplexity."""
+        round's step count, with each sampler of ``--eval-sampler``; rank 0 logs speed, unigram entropy
+        and (with ``--eval-model``) generative perplexity (first-window protocol) as
+        ``eval/SAMPLER/NAME``."""
 
         engine, state = loop.p.engine, loop.state
         steps = engine.objective.sampling_steps(round_index)
-        generator = torch.Generator(setup.device).manual_seed(sample_seed(self.cfg.seed, state.step))
-        result = engine.sample_with_ema(lambda model: sample_quality(
-            model, self.cfg.eval_samples, steps, generator, setup.tokenizer.decode, self.evaluator))
-        if result is None:  # not rank 0
-            return
-        quality, texts = result
-        values = {f"eval/{name}": value for name, value in quality.items()}
-        loop.p.writer.scalars(values, state.step, state.tokens_seen)
-        loop.p.writer.text("distill/sample", texts[0], state.step)
-        tqdm.write(f"step {state.step}: end of round {round_index}, {steps}-step samples: "
-                   + ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in values.items()))
+        samplers = eval_samplers(self.cfg.eval_sampler, setup.model_config.arch)
+        for sampler in samplers:
+            generator = torch.Generator(setup.device).manual_seed(sample_seed(self.cfg.seed, state.step))
+            result = engine.sample_with_ema(lambda model, sampler=sampler: sample_quality(
+                model, self.cfg.eval_samples, steps, generator, setup.tokenizer.decode, self.evaluator, sampler,
+                source=self.source))
+            if result is None:  # not rank 0
+                continue
+            quality, texts = result
+            values = {f"eval/{sampler}/{name}": value for name, value in quality.items()}
+            loop.p.writer.scalars(values, state.step, state.tokens_seen)
+            loop.p.writer.text(f"distill/sample/{sampler}", texts[0], state.step)
+            tqdm.write(f"step {state.step}: end of round {round_index}, {steps}-step samples ({sampler}): "
+                       + ", ".join(f"{k.rsplit('/', 1)[1]} {v:.4g}" for k, v in values.items()))
 
 
 def prepare_distillation(cfg: DistillConfig, env: DistEnv, device: torch.device) -> Setup:
@@ -153,7 +161,8 @@ def prepare_distillation(cfg: DistillConfig, env: DistEnv, device: torch.device)
             evaluator = load_evaluator(cfg.eval_model, device)
         elif not Path(cfg.eval_model).is_dir():
             raise ConfigError(f"--eval-model {cfg.eval_model}: no such folder")
-    setup.task = DistillTask(setup.cfg, init, evaluator)
+    source = MarkovSource.load(setup.folder.path / SOURCE_FILE) if setup.folder.meta.synthetic else None
+    setup.task = DistillTask(setup.cfg, init, evaluator, source)
     if env.is_main:
         print(f"distilling {teacher.source} ({'export' if teacher.is_export else 'checkpoint'}): "
               f"{cfg.sdtt.num_rounds} rounds of {cfg.round_steps} steps, students at "

@@ -19,6 +19,8 @@ def nelbo_sums(model, objective, batches: Iterable[torch.Tensor], device: torch.
     """``[sum of NELBO terms, token count]`` (float64) over ``batches``; noise levels and
     partitions are seeded per (seed, rank, batch index)."""
     total = torch.zeros(2, dtype=torch.float64, device=device)
+    # An objective that trains at another floor than its NELBO's (distillation) names the latter.
+    t_min = getattr(objective, "eval_t_min", objective.t_min)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -26,7 +28,7 @@ def nelbo_sums(model, objective, batches: Iterable[torch.Tensor], device: torch.
             tokens, extra = unpack(batch, device)
             generator = torch.Generator(device).manual_seed(derived_seed(seed, rank, index))
             u = torch.rand((), generator=generator, device=device, dtype=torch.float64).item()
-            t = low_discrepancy_times(u, torch.arange(tokens.shape[0]), tokens.shape[0], objective.t_min).to(device)
+            t = low_discrepancy_times(u, torch.arange(tokens.shape[0]), tokens.shape[0], t_min).to(device)
             nelbo_sum, count = objective.nelbo(model, tokens, t, generator, **extra)
             total += torch.stack([nelbo_sum.double(), torch.tensor(float(count), device=device, dtype=torch.float64)])
     model.train(was_training)

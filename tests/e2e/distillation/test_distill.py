@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from pgm_dist import distill, evaluate
 from pgm_dist.checkpoints.format import load_ema_weights
 from pgm_dist.checkpoints.load import load_model
-from pgm_dist.evaluation.gen_ppl import generative_perplexity, load_evaluator, unigram_entropy
+from pgm_dist.evaluation.gen_ppl import generative_perplexity, load_evaluator, nll_sum, split_documents, unigram_entropy
 from pgm_dist.sampling import generate
 from tests.helpers.training import module_weights, run_train, scalars
 
@@ -42,18 +42,17 @@ def evaluator_dir(tmp_path_factory):
 
 
 def reference_gen_ppl(evaluator_dir, texts: list[str]) -> float:
-    """The model's own shifted cross-entropy per window of 8 ids after BOS, token-weighted."""
+    """The paper's protocol by the model's own loss: the shifted cross-entropy of each text's first
+    window of 8 ids (the document boundary <|endoftext|>, then the text), token-weighted."""
     model = transformers.AutoModelForCausalLM.from_pretrained(evaluator_dir).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(evaluator_dir)
     total, count = 0.0, 0
     for text in texts:
-        ids = [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
-        for start in range(0, len(ids), 8):
-            window = torch.tensor(ids[start:start + 8])[None]
-            if window.shape[1] > 1:
-                with torch.no_grad():
-                    total += model(window, labels=window).loss.item() * (window.shape[1] - 1)
-                count += window.shape[1] - 1
+        window = torch.tensor(([tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False))[:8])[None]
+        if window.shape[1] > 1:
+            with torch.no_grad():
+                total += model(window, labels=window).loss.item() * (window.shape[1] - 1)
+            count += window.shape[1] - 1
     return math.exp(total / count)
 
 
@@ -62,6 +61,13 @@ def test_generative_perplexity_equals_transformers_loss_and_entropy_closed_form(
     assert evaluator.max_length == 8
     assert all(len(evaluator.tokenizer.encode(text)) > 8 for text in TEXTS)  # several windows per text
     assert generative_perplexity(evaluator, TEXTS) == pytest.approx(reference_gen_ppl(evaluator_dir, TEXTS), rel=1e-5)
+    # strided windows score every token once; a text within one window scores the same either way
+    ids = [len(evaluator.tokenizer.encode(text)) for text in TEXTS]
+    assert nll_sum(evaluator, TEXTS, "strided")[1] == sum(ids) and nll_sum(evaluator, TEXTS, "first")[1] == 7 * 3
+    short = ["x = 1"]
+    assert len(evaluator.tokenizer.encode(short[0])) < 8
+    assert nll_sum(evaluator, short, "strided") == pytest.approx(nll_sum(evaluator, short, "first"))
+    assert generative_perplexity(evaluator, short) == pytest.approx(reference_gen_ppl(evaluator_dir, short), rel=1e-5)
     # Entropy of each row's token frequencies: {a, a, b, b} -> log 2, {c, c, c, c} -> 0.
     assert unigram_entropy(torch.tensor([[0, 0, 1, 1], [3, 3, 3, 3]])) == pytest.approx(math.log(2) / 2)
 
@@ -81,11 +87,17 @@ def teacher(data, tmp_path_factory):
 def test_evaluate_cli_scores_samples_under_the_eval_model(data, teacher, evaluator_dir, capsys):
     assert evaluate.main(["--model", str(teacher), "--data", str(data), "--batches", "1", "--eval-model",
                           str(evaluator_dir), "--samples", "2", "--steps", "4", "--seed", "5"]) == 0
-    reported = float(re.search(r"generative perplexity ([0-9.]+)", capsys.readouterr().out).group(1))
+    out = capsys.readouterr().out
+    reported = {sampler: float(value) for sampler, value in
+                re.findall(r"(\w+) sampler \([0-9,]+ tokens/s\): generative perplexity ([0-9.]+)", out)}
+    assert reported.keys() == {"uniform", "binomial"} and "(first-window protocol)" in out
     loaded = load_model(teacher)
-    tokens = generate(loaded.model, 2, 4, generator=torch.Generator().manual_seed(5))
-    texts = [loaded.tokenizer.decode(row.tolist()) for row in tokens]
-    assert reported == pytest.approx(reference_gen_ppl(evaluator_dir, texts), abs=1e-4)
+    for sampler, value in reported.items():
+        tokens = generate(loaded.model, 2, 4, generator=torch.Generator().manual_seed(5), mode=sampler)
+        # each document of a sample (cut at EOS, which decoding drops) is scored after a boundary
+        documents = [loaded.tokenizer.decode(doc) for row in tokens
+                     for doc in split_documents(row[1:].tolist(), loaded.config.eos_id)]
+        assert value == pytest.approx(reference_gen_ppl(evaluator_dir, documents), abs=1e-4), sampler
 
 
 def test_user_errors_are_clear_before_distributed_work(data, teacher, tmp_path, capsys):
@@ -139,10 +151,11 @@ def test_two_rounds_resume_mid_round_two_with_the_round_two_teacher(data, teache
     for step in range(1, 7):
         assert b["train/loss"][step] == pytest.approx(a["train/loss"][step], abs=1e-5), step
     # End of each round: the EMA student sampled at its step count, scored by the evaluator.
-    assert a["eval/sampling_steps"] == {3: 4, 6: 2} and b["eval/sampling_steps"] == {3: 4, 6: 2}
-    for tag in ("eval/gen_ppl", "eval/sampling_tokens_per_s"):
-        assert a[tag].keys() == {3, 6} and all(math.isfinite(v) and v > 0 for v in a[tag].values()), tag
-    assert all(0 < v <= math.log(64) for v in a["eval/entropy"].values())
+    for sampler in ("uniform", "binomial"):  # --eval-sampler both (the default)
+        assert a[f"eval/{sampler}/sampling_steps"] == {3: 4, 6: 2} == b[f"eval/{sampler}/sampling_steps"]
+        for tag in (f"eval/{sampler}/gen_ppl", f"eval/{sampler}/sampling_tokens_per_s"):
+            assert a[tag].keys() == {3, 6} and all(math.isfinite(v) and v > 0 for v in a[tag].values()), tag
+        assert all(0 < v <= math.log(64) for v in a[f"eval/{sampler}/entropy"].values())
 
     # The teacher of round 1 is the student's raw weights at step 3, in every later checkpoint
     # of both runs (the split run's step 4 was saved by the first part, step 6 by the resumed one).

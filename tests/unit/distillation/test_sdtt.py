@@ -10,7 +10,10 @@ from pgm_dist.distillation.objective import (
     TEACHER_FILE,
     SDTTConfig,
     SDTTObjective,
+    expected_masked_fraction,
+    kl_forward,
     noisy_input,
+    predictive_log_probs,
     teacher_target,
 )
 from pgm_dist.objectives import LogLinearSchedule, partition_groups
@@ -122,7 +125,7 @@ def test_divergences_equal_closed_forms():
 
 @pytest.mark.parametrize("preset", ["pgm-tiny", "mdlm-tiny"])
 @pytest.mark.parametrize("divergence", ["kl-rev", "tv"])
-def test_loss_is_the_mean_divergence_over_masked_positions(preset, divergence):
+def test_loss_is_the_summed_divergence_over_the_expected_masked_count(preset, divergence):
     student = randomized_model(preset)
     teacher = randomized_model(preset, seed=1)
     config = SDTTConfig(start_steps=4, teacher_steps=2, min_steps=1, divergence=divergence)
@@ -143,7 +146,76 @@ def test_loss_is_the_mean_divergence_over_masked_positions(preset, divergence):
     else:
         per_position = 0.5 * np.abs(p_student - p_teacher).sum(-1)
     assert masked.sum() > 20
-    assert loss.item() == pytest.approx(per_position.mean(), rel=1e-4)
+    expected_count = masked.numel() * (1 - EPS) * (1 + T_MIN) / 2  # E[1 - alpha(t)], t ~ U[t_min, 1)
+    assert loss.item() == pytest.approx(per_position.sum() / expected_count, rel=1e-4)
+
+
+def test_the_expected_masked_fraction_is_the_mean_over_uniform_times():
+    t = torch.linspace(T_MIN, 1, 200_001, dtype=torch.float64)
+    assert expected_masked_fraction(LogLinearSchedule(EPS), T_MIN) == pytest.approx(
+        (1 - LogLinearSchedule(EPS).alpha(t)).mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["pgm-tiny", "mdlm-tiny"])
+def test_one_global_batch_gives_the_same_loss_and_gradient_however_it_is_split(preset):
+    """1 micro-batch of 4 vs 2 of 2 (the engine averages micro-batches): the same masks and targets
+    give the same loss and gradient (fp32, 1e-6), although the halves mask very different counts."""
+    torch.manual_seed(0)
+    student = randomized_model(preset).float().eval()  # no dropout: the same function twice
+    objective = SDTTObjective(randomized_model(preset, seed=1), SDTTConfig(start_steps=4, min_steps=1))
+    tokens = batch(student)
+    masked = partition_groups(TIMES, tokens.shape[1], objective.schedule, torch.Generator().manual_seed(2))
+    noisy = noisy_input(tokens, masked, student.config)
+    target, _ = teacher_target(objective.teacher, noisy, masked, TIMES, objective.dt, 2, objective.schedule,
+                               T_MIN, torch.Generator().manual_seed(3))
+    counts = masked.sum(1)
+    assert counts[:2].sum() * 2 < counts[2:].sum()  # low noise first, high noise second
+
+    def loss_and_grad(splits):
+        student.zero_grad()
+        total = sum(objective.divergence_loss(student, noisy[rows], masked[rows], target[rows]) for rows in splits)
+        (total / len(splits)).backward()
+        return (total / len(splits)).item(), [p.grad.clone() for p in student.parameters()]
+
+    whole, whole_grad = loss_and_grad([slice(0, 4)])
+    halves, halves_grad = loss_and_grad([slice(0, 2), slice(2, 4)])
+    assert halves == pytest.approx(whole, abs=1e-6)
+    for a, b in zip(whole_grad, halves_grad):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # the reference's per-micro-batch mean would not be split-invariant
+    per_position = DIVERGENCES["kl-rev"]
+    student.zero_grad()
+    with torch.no_grad():
+        log_p = predictive_log_probs(student, noisy, masked, student.config)
+        d = per_position(log_p[masked], target[masked])
+    rows = masked.nonzero()[:, 0]
+    batchmean_halves = (d[rows < 2].mean() + d[rows >= 2].mean()) / 2
+    assert abs(batchmean_halves.item() - d.mean().item()) > 1e-3
+
+
+def test_the_teacher_runs_in_bf16_when_the_student_does_and_its_target_stays_close():
+    """bf16 autocast teacher (weights fp32) against the fp32 one: the same draws give targets whose
+    KL from the fp32 ones is small, and the checkpointed weights stay fp32."""
+    student = randomized_model("pgm-tiny")
+    objective = SDTTObjective.from_student(student, SDTTConfig(start_steps=4, min_steps=1))
+    tokens = batch(student)
+    masked = partition_groups(TIMES, tokens.shape[1], objective.schedule, torch.Generator().manual_seed(2))
+    noisy = noisy_input(tokens, masked, student.config)
+    targets = {}
+    for autocast in (False, True):
+        objective.teacher_autocast = autocast
+        with objective._teacher_precision(tokens.device):
+            target, _ = teacher_target(objective.teacher, noisy, masked, TIMES, objective.dt, 1,
+                                       objective.schedule, T_MIN, torch.Generator().manual_seed(3))
+        targets[autocast] = target.float()[masked]
+    kl = kl_forward(targets[True], targets[False])
+    assert 0 < kl.mean().item() < 1e-3 and kl.max().item() < 1e-2
+    assert all(p.dtype == torch.float32 for p in objective.state_dict()["teacher"].values())
+
+
+def test_distillation_validation_uses_the_pre_training_time_floor():
+    objective = SDTTObjective.from_student(randomized_model("pgm-tiny"), SDTTConfig(start_steps=4, min_steps=1))
+    assert objective.t_min == 1e-5 and objective.eval_t_min == objective.base.t_min == 1e-3
 
 
 @pytest.mark.parametrize("preset", ["pgm-tiny", "mdlm-tiny"])

@@ -163,8 +163,9 @@ def main(argv=None) -> dict:
     distill_steps = args.rounds * args.round_steps
 
     # 2. the student
-    student = cache / f"student-{key(dict(base, teacher=teacher.name, at=teacher_steps, rounds=args.rounds,
-                                           round_steps=args.round_steps, lr=args.distill_lr))}"
+    student_key = key(dict(base, teacher=teacher.name, at=teacher_steps, rounds=args.rounds,
+                           round_steps=args.round_steps, lr=args.distill_lr))
+    student = cache / f"student-{student_key}"
     seconds["student"] = 0.0
     if trained_to(student) < distill_steps:
         seconds["student"] = run_script("pgm_dist/distill.py", [

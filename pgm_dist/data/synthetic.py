@@ -231,7 +231,7 @@ def build_synthetic(out: Path, settings: SyntheticSettings = SyntheticSettings()
         source = MarkovSource.random(s.vocab, s.order, s.successors, s.seed, s.smoothing)
     except ValueError as err:
         raise DataError(str(err)) from None
-    fingerprint = hashlib.sha256(json.dumps([BUILDER_VERSION, "synthetic", vars(s)], sort_keys=True).encode()
+    fingerprint = hashlib.sha256(json.dumps([BUILDER_VERSION, "synthetic-2", vars(s)], sort_keys=True).encode()
                                  ).hexdigest()
     reused = reuse_or_reset(out, fingerprint, log)
     if reused is not None:
@@ -243,25 +243,28 @@ def build_synthetic(out: Path, settings: SyntheticSettings = SyntheticSettings()
     per_shard, reason = samples_per_shard_for(s.train_sequences, s.samples_per_shard, "sequences")
     rng = np.random.default_rng([s.seed, 1])
     dtype = token_dtype(vocab_size)
-    infos = {}
+    infos, dropped = {}, 0
     for split, count in (("train", s.train_sequences), ("val", s.val_sequences)):
         writer = ShardWriter(out, split, per_shard)
         chains = source.sample(count, s.seq_len - 1, rng)
         for chain in chains:
             writer.add(np.concatenate([[bos], chain]).astype(dtype))
-        writer.close(keep_partial=True)
+        # every train shard holds the same count (the loaders' resume arithmetic): the rest is dropped
+        dropped += writer.close(keep_partial=split == "val")
         writer.info.documents = writer.info.samples
         infos[split] = writer.info
     meta = DatasetMeta(
         vocab_size=vocab_size, seq_len=s.seq_len, special_ids={"bos": bos, "eos": eos}, dtype=dtype.name,
         samples_per_shard=per_shard, samples_per_shard_reason=reason, train=infos["train"], val=infos["val"],
+        dropped_blocks=dropped,
         tokenizer_sha256=file_sha256(out / TOKENIZER_FILE),
         sources=[f"synthetic order-{s.order} Markov source: {s.vocab} symbols, {s.successors} likely successors, "
                  f"seed {s.seed}"],
         settings_fingerprint=fingerprint,
         synthetic={**vars(s), "entropy_per_token": source.entropy_per_token(s.seq_len - 1)})
     write_json_atomic(out / META_FILE, meta.to_dict())
-    log(f"wrote {infos['train'].shards} train shards ({infos['train'].samples} sequences) and {infos['val'].shards} "
+    log(f"wrote {infos['train'].shards} train shards ({infos['train'].samples} sequences; {dropped} trailing ones "
+        f"dropped to keep shards equal) and {infos['val'].shards} "
         f"val shards of a synthetic order-{s.order} Markov source to {out}; its entropy: "
         f"{meta.synthetic['entropy_per_token']:.4f} nats per symbol at length {s.seq_len - 1}")
     return meta

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
+import socket
 import sys
 from pathlib import Path
 
@@ -164,8 +166,7 @@ def announce(loop: TrainingLoop, setup: Setup) -> None:
     """Every (re)start: where it runs in TensorBoard (so a requeued or resized job is visible), the
     resolved configuration in OUT/config.json and one line on the console."""
     cfg, env, state, engine, writer = setup.cfg, setup.env, loop.state, loop.p.engine, loop.p.writer
-    writer.text("run/start", f"job {setup.launch.get('job_id', '-')} on {setup.launch.get('nodes', '-')}: "
-                             f"world size {env.world_size}, restart {state.restarts}, step {state.step}", state.step)
+    writer.text("run/start", run_card(setup, state), state.step)
     writer.scalars({"run/world_size": env.world_size, "run/restarts": state.restarts,
                     "run/nodes": setup.launch.get("num_nodes")}, state.step, state.tokens_seen)
     memory = engine.model_state_bytes()
@@ -189,6 +190,24 @@ def announce(loop: TrainingLoop, setup: Setup) -> None:
           f"{setup.device}; model states per rank {memory['total'] / 2**20:.1f} MiB (parameters "
           f"{memory['params'] / 2**20:.1f}, gradients {memory['grads'] / 2**20:.1f}, optimizer "
           f"{memory['optimizer'] / 2**20:.1f})")
+
+
+def run_card(setup: Setup, state: TrainState) -> str:
+    """What TensorBoard's ``run/start`` shows for each (re)start: where it runs (the launcher's job and
+    nodes, else a local run and its host), world size, restart and step, the devices, the command
+    and the code; nothing that is not known."""
+    launch, env = setup.launch, setup.env
+    where = (f"job {launch['job_id']} on {launch.get('nodes') or socket.gethostname()}" if launch.get("job_id")
+             else f"local run on {socket.gethostname()}")
+    device = setup.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    lines = [f"{where}: world size {env.world_size}, restart {state.restarts}, step {state.step}",
+             f"devices: {env.world_size} x {device.type} ({name})",
+             f"command: {shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}"]
+    code = code_version()
+    if code:
+        lines.append(f"code: git {code['commit'][:12]}" + (" with uncommitted changes" if code["dirty"] else ""))
+    return "\n".join(lines)
 
 
 def summarize(loop: TrainingLoop, setup: Setup, status: str) -> None:

@@ -2,10 +2,30 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 TOKENS_DIR = "by_tokens"  # the token-axis event files, a folder (a TensorBoard run) inside the step axis's
 TOKENS_PREFIX = "by_tokens/"  # its tags: ``by_tokens/train/loss`` beside the step axis's ``train/loss``
+
+
+# The charts TensorBoard's Custom Scalars tab shows first (one card per chart, several tags on one).
+OVERVIEW_LAYOUT = {"Overview": {
+    "loss: train and validation (nats/token)": ["Multiline", ["train/loss", "val/nelbo"]],
+    "learning rate": ["Multiline", ["train/lr"]],
+    "tokens/s": ["Multiline", ["perf/tokens_per_s"]],
+    "MFU (GPU)": ["Multiline", ["perf/mfu"]],
+    "share of the step waiting for data": ["Multiline", ["perf/data_wait_frac"]],
+    "restarts and world size": ["Multiline", ["run/restarts", "run/world_size"]],
+}}
+
+
+def verbatim(text: str) -> str:
+    """Markdown that TensorBoard's text plugin shows exactly as ``text`` (indentation, line breaks,
+    ``_`` and ``*`` kept): a fenced code block, its fence longer than any run of backticks inside."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}\n{text}\n{fence}"
 
 
 class NullWriter:
@@ -44,6 +64,7 @@ class TensorBoardWriter(NullWriter):
         self.by_step = SummaryWriter(log_dir=str(self.log_dir), purge_step=resumed_step + 1 if resumed else None)
         self.by_tokens = SummaryWriter(log_dir=str(self.log_dir / TOKENS_DIR),
                                        purge_step=resumed_tokens + 1 if resumed else None)
+        self.by_step.add_custom_scalars(OVERVIEW_LAYOUT)
 
     def scalars(self, values: dict, step: int, tokens: int) -> None:
         for tag, value in values.items():
@@ -55,7 +76,8 @@ class TensorBoardWriter(NullWriter):
         self.by_tokens.flush()
 
     def text(self, tag: str, text: str, step: int) -> None:
-        self.by_step.add_text(tag, text, step)
+        """``text`` as written (samples keep their indentation; see :func:`verbatim`)."""
+        self.by_step.add_text(tag, verbatim(text), step)
         self.by_step.flush()
 
     def image(self, tag: str, picture, step: int) -> None:

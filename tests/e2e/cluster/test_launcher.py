@@ -86,7 +86,8 @@ def wait_for_step(tb: Path, step: int, timeout: float = 180) -> None:
 def start_texts(tb: Path) -> list[str]:
     acc = EventAccumulator(str(tb), size_guidance={"tensors": 0})
     acc.Reload()
-    return [e.tensor_proto.string_val[0].decode() for e in acc.Tensors("run/start/text_summary")]
+    # each card is a fenced block (shown verbatim); its first line says where the (re)start ran
+    return [e.tensor_proto.string_val[0].decode().split("\n")[1] for e in acc.Tensors("run/start/text_summary")]
 
 
 def resumed_step(log: Path) -> int:

@@ -76,7 +76,9 @@ def test_the_builders_shards_follow_the_sources_tables(tmp_path):
     assert (meta.vocab_size, meta.seq_len, meta.special_ids) == (7, 33, {"bos": 5, "eos": 6})
     assert meta.synthetic["entropy_per_token"] == pytest.approx(source.entropy_per_token(32))
     rows = np.stack([tokens for url in sorted(folder.path.glob("train-*.tar")) for _, tokens in iter_shard(str(url))])
-    assert rows.shape == (3000, 33) and (rows[:, 0] == 5).all() and (rows[:, 1:] < 5).all()
+    per_shard = meta.samples_per_shard  # automatic: 3000 // 64 = 46, so 65 full shards and 10 dropped
+    assert (per_shard, meta.train.shards, meta.dropped_blocks) == (46, 65, 10)
+    assert rows.shape == (65 * 46, 33) and (rows[:, 0] == 5).all() and (rows[:, 1:] < 5).all()
     counts = np.zeros((5, 5))
     np.add.at(counts, (rows[:, 1:-1].ravel(), rows[:, 2:].ravel()), 1)
     empirical = counts / counts.sum(1, keepdims=True)

@@ -200,8 +200,7 @@ def main(argv=None) -> dict:
                 rows.append(dict(model=name, sampler=sampler, **values))
         rows.append(dict(model=f"MDLM ({args.mdlm})", sampler="ancestral",
                          **cell(mdlm_model.model, steps, "uniform", args, source, decode)))
-    precision = teacher_precision(args.model, batch=args.batch, seq_len=args.seq_len, vocab_size=args.vocab + 2,
-                                  device=args.device)
+    precision = teacher_precision(batch=args.batch, device=args.device, model=load_model(teacher, args.device).model)
 
     ideal = rows[0]["source_entropy"]
     print(f"\nsource: order-1 Markov, {args.vocab} symbols, {args.successors} likely successors, L {args.seq_len} "

@@ -30,12 +30,22 @@ from pgm_dist.objectives import partition_groups  # noqa: E402
 
 
 def measure(preset: str = "pgm-tiny", batch: int = 8, seq_len: int = 128, vocab_size: int = 1024,
-            device: str = "cpu", repeats: int = 10, teacher_steps: int = 2, seed: int = 0) -> dict:
-    """{fp32_step_s, bf16_step_s, speedup, target_kl_mean, target_kl_max} (median step times)."""
+            device: str = "cpu", repeats: int = 10, teacher_steps: int = 2, seed: int = 0,
+            model: torch.nn.Module | None = None) -> dict:
+    """{fp32_step_s, bf16_step_s, speedup, target_kl_mean, target_kl_max} (median step times).
+    ``model``: a trained student (and first teacher); default: ``preset`` with random weights
+    everywhere (a fresh model's zero-initialised output would give uniform targets in any precision)."""
     torch.manual_seed(seed)
     dev = torch.device(device)
-    config = ModelConfig.preset(preset, vocab_size=vocab_size, seq_len=seq_len)
-    student = build_model(config).to(dev)
+    if model is None:
+        config = ModelConfig.preset(preset, vocab_size=vocab_size, seq_len=seq_len)
+        student = build_model(config).to(dev)
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    else:
+        student, config = model.to(dev).train(), model.config
+        vocab_size, seq_len = config.vocab_size, config.seq_len
     objective = SDTTObjective.from_student(student, SDTTConfig(start_steps=64 * teacher_steps,
                                                                teacher_steps=teacher_steps, min_steps=1))
     objective.teacher.to(dev)

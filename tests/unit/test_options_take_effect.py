@@ -1,5 +1,5 @@
 """Every sampling and distillation option changes what it should: each test compares a run with the
-option against one without it, so an option the code ignores fails here (README issue 21)."""
+option against one without it, so an option the code ignores fails here."""
 from __future__ import annotations
 
 import re

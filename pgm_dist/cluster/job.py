@@ -18,7 +18,8 @@ import submitit
 from submitit.core.job_environment import SignalHandler
 from submitit.core.utils import DelayedSubmission
 
-from pgm_dist.cluster.retry import preempted, requeue
+from pgm_dist.cluster.options import ENTRY_NAMES, slurm_seconds
+from pgm_dist.cluster.retry import END_FILE_VARIABLE, preempted, requeue
 from pgm_dist.common.errors import USER_ERRORS, UserError
 from pgm_dist.common.files import no_group_or_world_write
 from pgm_dist.data.shards import DataFolder
@@ -57,27 +58,10 @@ def entries() -> dict[str, Entry]:
     def student(cfg) -> ModelConfig:
         return ModelConfig.from_dict(find_teacher(cfg.teacher).info["model_config"])
 
-    return {"train": Entry(parse_train_config, check_before_launch, prepare_process, run, trained_model),
-            "distill": Entry(parse_distill_config, check_distillation,
-                             lambda cfg: prepare_process(cfg, prepare_distillation), run, student)}
-
-
-def slurm_seconds(text: str) -> int | None:
-    """SLURM durations (``--time`` and ``squeue %L``) in seconds: ``M``, ``M:S``, ``H:M:S``,
-    ``D-H``, ``D-H:M``, ``D-H:M:S``; None for UNLIMITED / NOT_SET. Raises ValueError otherwise."""
-    text = text.strip()
-    if text.upper() in ("UNLIMITED", "INFINITE", "NOT_SET"):
-        return None
-    days, dash, clock = text.rpartition("-")
-    parts = clock.split(":")
-    if not all(p.isdigit() for p in parts) or len(parts) > 3 or (dash and not days.isdigit()):
-        raise ValueError(f"cannot read {text!r} as a SLURM time (minutes, MM:SS, HH:MM:SS or D-HH:MM:SS)")
-    numbers = [int(p) for p in parts]
-    if days:  # D-H, D-H:M, D-H:M:S
-        h, m, s = (numbers + [0, 0])[:3]
-        return ((int(days) * 24 + h) * 60 + m) * 60 + s
-    h, m, s = {1: [0, numbers[0], 0], 2: [0, *numbers], 3: numbers}[len(numbers)]
-    return (h * 60 + m) * 60 + s
+    return dict(zip(ENTRY_NAMES, (
+        Entry(parse_train_config, check_before_launch, prepare_process, run, trained_model),
+        Entry(parse_distill_config, check_distillation, lambda cfg: prepare_process(cfg, prepare_distillation),
+              run, student))))
 
 
 def seconds_left(started: float, timeout_s: float = 20) -> float | None:
@@ -122,11 +106,6 @@ def launch_info(signal_delay_s: int) -> dict:
     env = submitit.JobEnvironment()
     return {"job_id": env.job_id, "nodes": ",".join(env.hostnames), "num_nodes": env.num_nodes,
             "signal_delay_s": signal_delay_s}
-
-
-# The batch script names, per job and restart, the file where rank 0 writes how the run ended; the
-# retry decision after the tasks exit (:mod:`pgm_dist.cluster.retry`) reads it.
-END_FILE_VARIABLE = "PGM_END_FILE"
 
 
 def record_end(status: str) -> None:

@@ -17,6 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+# The batch script names, per job and restart, the file where rank 0 writes how the run ended
+# (:func:`pgm_dist.cluster.job.record_end`); the retry decision after the tasks exit reads it.
+END_FILE_VARIABLE = "PGM_END_FILE"
+
 
 def decide(rc: int, end: str | None, signalled: bool, retries: int, max_retries: int) -> tuple[bool, str]:
     """(requeue?, why) for tasks that exited with ``rc``; ``end``: what rank 0 recorded (None: nothing,

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from submitit.core.utils import DelayedSubmission
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pgm_dist.cluster.submit import JOB_CHECKPOINTS
+from pgm_dist.cluster.options import JOB_CHECKPOINTS
 from tests.helpers.slurm_cluster import URGENT, SlurmCluster, missing
 from tests.helpers.training import REPO, module_weights, scalar_events, scalars
 

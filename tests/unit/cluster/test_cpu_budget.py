@@ -2,7 +2,8 @@
 executable on PATH here, answering as sinfo does), passed to srun, and shown in --dry-run."""
 import pytest
 
-from pgm_dist.cluster.submit import cpu_budget, node_cpus, parse_args, sbatch_script
+from pgm_dist.cluster.batch import cpu_budget, node_cpus, sbatch_script
+from pgm_dist.cluster.options import parse_args
 from tests.helpers.executables import install
 
 

@@ -10,8 +10,9 @@ import time
 
 import pytest
 
+from pgm_dist.cluster.batch import batch_lines
+from pgm_dist.cluster.options import parse_args
 from pgm_dist.cluster.retry import decide, preempted
-from pgm_dist.cluster.submit import batch_lines, parse_args
 
 
 @pytest.mark.parametrize("rc, end, signalled, retries, retry", [

@@ -3,7 +3,8 @@ traceback. Here ``sbatch`` and ``srun`` are real executables on PATH that answer
 import pytest
 
 from pgm_dist.cluster.job import JobTask
-from pgm_dist.cluster.submit import LaunchError, parse_args, submit
+from pgm_dist.cluster.options import LaunchError, parse_args
+from pgm_dist.cluster.submit import submit
 from tests.helpers.executables import install
 
 REFUSAL = "sbatch: error: Batch job submission failed: Invalid partition name specified"

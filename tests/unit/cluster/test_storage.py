@@ -14,14 +14,9 @@ from pathlib import Path
 import pytest
 
 from pgm_dist.checkpoints.format import MARKER
-from pgm_dist.cluster.submit import (
-    CHECKPOINT_BYTES_PER_PARAMETER,
-    checkpoint_room,
-    file_system_type,
-    main,
-    parse_args,
-    storage_problems,
-)
+from pgm_dist.cluster.checks import CHECKPOINT_BYTES_PER_PARAMETER, checkpoint_room, file_system_type, storage_problems
+from pgm_dist.cluster.options import parse_args
+from pgm_dist.cluster.submit import main
 from pgm_dist.models import build_model, count_parameters
 from pgm_dist.models.config import ModelConfig
 from pgm_dist.training.config import TrainConfig

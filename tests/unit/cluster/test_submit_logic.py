@@ -21,25 +21,22 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import pgm_dist.cluster.submit as submit_module
+import pgm_dist.cluster.checks as checks_module
+from pgm_dist.cluster.batch import logs_folder, sbatch_script, slurm_parameters
+from pgm_dist.cluster.checks import check_job_folder, check_node_list
 from pgm_dist.cluster.job import SLURM_EARLY_WARNING_S, JobTask, entries, seconds_left, slurm_seconds
-from pgm_dist.cluster.submit import (
+from pgm_dist.cluster.options import (
     LaunchError,
     NodeRange,
     absolute_paths,
     check_device,
-    check_job_folder,
-    check_node_list,
-    followup,
     job_argv,
-    logs_folder,
     parse_args,
     parse_minutes,
     parse_nodes,
-    sbatch_script,
-    slurm_parameters,
     world_sizes,
 )
+from pgm_dist.cluster.submit import followup
 from pgm_dist.common.errors import ConfigError
 from pgm_dist.distillation.config import DistillConfig, parse_distill_config
 from pgm_dist.training.config import TrainConfig, parse_train_config
@@ -229,7 +226,7 @@ def test_a_node_list_gives_only_its_world_sizes_and_the_sbatch_nodes_line():
 
 @pytest.mark.parametrize("version, refused", [((22, 5), True), ((23, 2), False), ((24, 11), False), (None, True)])
 def test_a_node_list_needs_slurm_23_02(monkeypatch, version, refused):
-    monkeypatch.setattr(submit_module, "slurm_version", lambda: version)
+    monkeypatch.setattr(checks_module, "slurm_version", lambda: version)
     args, _ = parse_args(["--nodes", "4,8"])
     if not refused:
         check_node_list(args)
@@ -245,9 +242,9 @@ def test_slurm_version_reads_sbatch_version(tmp_path, monkeypatch):
     fake.write_text("#!/bin/sh\necho 'slurm 22.05.8'\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    assert submit_module.slurm_version() == (22, 5)
+    assert checks_module.slurm_version() == (22, 5)
     fake.write_text("#!/bin/sh\nexit 1\n")
-    assert submit_module.slurm_version() is None
+    assert checks_module.slurm_version() is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -482,7 +479,7 @@ JOB_SETUP = ["export PYTHONFAULTHANDLER=1", "export NCCL_DEBUG=${NCCL_DEBUG:-WAR
 def job_setup(job_dir: Path, max_retries: int = 2) -> list[str]:
     """The batch script's lines before srun for a job folder without spaces: the environment, the file
     where rank 0 records how the run ended, the SIGTERM mark and the retry decision on exit."""
-    logs, retry = job_dir.absolute() / "logs", Path(submit_module.__file__).parent / "retry.py"
+    logs, retry = job_dir.absolute() / "logs", Path(checks_module.__file__).parent / "retry.py"
     return JOB_SETUP + [
         f'export PGM_END_FILE={logs}/"${{SLURM_JOB_ID}}_${{SLURM_RESTART_COUNT:-0}}_end"',
         'rm -f "$PGM_END_FILE"',

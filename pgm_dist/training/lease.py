@@ -87,17 +87,17 @@ def read_lease(out: Path) -> dict | None:
         return {}  # unreadable: nobody's (a torn write of a crashed run)
 
 
-def holder(out: Path, owner: dict | None = None) -> dict | None:
-    """The lease's owner when another job that may still live holds ``out`` (else None): raises
-    nothing; :func:`check_lease` turns it into a message."""
+def holder(out: Path, owner: dict | None = None) -> tuple[dict, bool | None] | None:
+    """``(lease, alive)`` when another job that may still live holds ``out`` (else None), ``alive``
+    as :func:`is_alive` read it (asked once: squeue is a call to the controller)."""
     lease = read_lease(out)
     if not lease or (owner is not None and same_owner(lease, owner)):
         return None
-    return lease if is_alive(lease) is not False else None
-
-
-def busy_message(out: Path, lease: dict) -> str:
     alive = is_alive(lease)
+    return None if alive is False else (lease, alive)
+
+
+def busy_message(out: Path, lease: dict, alive: bool | None) -> str:
     state = "is still running" if alive else "may still be running (this machine cannot tell)"
     return (f"{out} is the run folder of {describe(lease)}, which {state}: two jobs would save, prune and "
             f"resume over each other. Wait for it or cancel it (scancel), or choose another folder; if it "
@@ -106,9 +106,9 @@ def busy_message(out: Path, lease: dict) -> str:
 
 def check_lease(out: Path, owner: dict | None = None) -> None:
     """Raise :class:`RunFolderBusy` when another live job (not ``owner``) holds ``out``."""
-    lease = holder(out, owner)
-    if lease is not None:
-        raise RunFolderBusy(busy_message(out, lease))
+    busy = holder(out, owner)
+    if busy is not None:
+        raise RunFolderBusy(busy_message(out, *busy))
 
 
 def take_lease(out: Path, owner: dict | None = None) -> dict:
@@ -134,7 +134,8 @@ def take_lease(out: Path, owner: dict | None = None) -> dict:
             continue
         if same_owner(read_lease(out) or {}, owner):
             return record
-    raise RunFolderBusy(busy_message(out, read_lease(out) or {}))
+    lease = read_lease(out) or {}
+    raise RunFolderBusy(busy_message(out, lease, is_alive(lease)))
 
 
 def release_lease(out: Path, owner: dict | None = None) -> None:

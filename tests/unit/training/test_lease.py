@@ -95,23 +95,27 @@ def test_an_unreadable_lease_is_nobodys(tmp_path):
     assert read_lease(tmp_path)["pid"] == os.getpid()
 
 
-def fake_squeue(tmp_path: Path, monkeypatch, states: dict[str, str]) -> None:
-    """An ``squeue -h -j ID -o %T`` that knows ``states`` and calls every other job invalid."""
+def fake_squeue(tmp_path: Path, monkeypatch, states: dict[str, str]) -> Path:
+    """An ``squeue -h -j ID -o %T`` that knows ``states`` and calls every other job invalid; each call
+    appends a line to the returned file."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    calls = tmp_path / "squeue_calls"
     cases = "".join(f'  {job}) echo {state};;\n' for job, state in states.items())
     invalid = 'echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1;;'
-    (bin_dir / "squeue").write_text(f'#!/bin/sh\ncase "$3" in\n{cases}  *) {invalid}\nesac\n')
+    (bin_dir / "squeue").write_text(f'#!/bin/sh\necho "$3" >> {calls}\ncase "$3" in\n{cases}  *) {invalid}\nesac\n')
     (bin_dir / "squeue").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return calls
 
 
 def test_slurm_jobs_are_checked_with_squeue_and_a_requeue_keeps_its_lease(tmp_path, monkeypatch):
-    fake_squeue(tmp_path, monkeypatch, {"101": "RUNNING", "102": "PENDING", "103": "COMPLETED"})
+    calls = fake_squeue(tmp_path, monkeypatch, {"101": "RUNNING", "102": "PENDING", "103": "COMPLETED"})
     out = tmp_path / "run"
     write_lease(out, slurm_job="101", host="n1", pid=7)
     with pytest.raises(RunFolderBusy, match="is the run folder of SLURM job 101, which is still running"):
         take_lease(out, {"slurm_job": "102", "host": "n2", "pid": 8})
+    assert calls.read_text().split() == ["101"]  # the controller asked once per refusal
     take_lease(out, {"slurm_job": "101", "host": "n5", "pid": 9})  # job 101 requeued on another node
     assert read_lease(out)["host"] == "n5"
     write_lease(out, slurm_job="103", host="n1", pid=7)  # ended: taken over

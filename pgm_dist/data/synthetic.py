@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,7 @@ class MarkovSource:
     transitions: np.ndarray
     order: int
     first: np.ndarray | None = None
+    _references: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def vocab(self) -> int:
@@ -196,13 +197,20 @@ def exact_sample_quality(source: MarkovSource, samples: np.ndarray) -> dict[str,
     unigram entropy of the source's own sequences (BOS included, as in the samples' ``entropy``),
     against which a collapse of the samples shows."""
     nll = exact_nll(source, samples)
-    length = samples.shape[1] - 1
-    ideal = source.entropy_per_token(length)
-    chains = source.sample(1024, length, np.random.default_rng(12345))
-    own = np.concatenate([np.full((len(chains), 1), source.vocab), chains], axis=1)
+    ideal, own_entropy = source_reference(source, samples.shape[1] - 1)
     return {"nll": nll.mean, "nll_low": nll.low, "nll_high": nll.high, "source_entropy": ideal,
-            "nll_gap": nll.mean - ideal, "invalid": nll.invalid,
-            "source_unigram_entropy": float(unigram_entropies(own).mean())}
+            "nll_gap": nll.mean - ideal, "invalid": nll.invalid, "source_unigram_entropy": own_entropy}
+
+
+def source_reference(source: MarkovSource, length: int) -> tuple[float, float]:
+    """(exact NLL per symbol, mean unigram entropy of 1024 of its own chains) at ``length``: the same
+    for every call, so computed once per source and length (an evaluation calls it per cell/round)."""
+    if length not in source._references:
+        chains = source.sample(1024, length, np.random.default_rng(12345))
+        own = np.concatenate([np.full((len(chains), 1), source.vocab), chains], axis=1)
+        source._references[length] = (source.entropy_per_token(length),
+                                      float(unigram_entropies(own).mean()))
+    return source._references[length]
 
 
 # -- the builder ----------------------------------------------------------------------------

@@ -59,6 +59,19 @@ def test_the_entropy_is_the_mean_nll_of_the_sources_own_chains(order):
     assert quality["nll_low"] < quality["nll"] < quality["nll_high"]
 
 
+def test_the_sources_reference_is_computed_once_per_length_and_equals_a_fresh_one(monkeypatch):
+    source = MarkovSource.random(vocab=6, order=1, successors=2, seed=3)
+    fresh = MarkovSource.random(vocab=6, order=1, successors=2, seed=3)
+    samples = np.concatenate([np.full((50, 1), 6), source.sample(50, 12, np.random.default_rng(1))], axis=1)
+    first = exact_sample_quality(source, samples)
+    drawn = []
+    monkeypatch.setattr(source, "sample", lambda *a: drawn.append(a) or fresh.sample(*a))
+    assert exact_sample_quality(source, samples) == first and not drawn  # cached: no new chains
+    assert exact_sample_quality(source, samples[:, :8])["source_entropy"] == fresh.entropy_per_token(7)
+    assert len(drawn) == 1  # another length: computed for it
+    assert exact_sample_quality(fresh, samples) == first
+
+
 def test_every_row_is_sparse_and_smoothed():
     source = MarkovSource.random(vocab=20, order=2, successors=3, seed=1, smoothing=0.01)
     assert source.transitions.shape == (400, 20) and source.first.shape == (20, 20)

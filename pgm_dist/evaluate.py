@@ -76,27 +76,25 @@ def evaluate(args: argparse.Namespace) -> None:
     nelbo, ppl = nelbo_and_perplexity(total)
     print(f"model {loaded.source}\ndata {folder.path} ({origin})\nvalidation tokens {int(total[1].item())}\n"
           f"NELBO {nelbo:.6f} nats/token\nperplexity {ppl:.4f}")
-    if folder.meta.synthetic is not None:
-        source = MarkovSource.load(folder.path / SOURCE_FILE)
-        for sampler in eval_samplers(args.sampler, loaded.config.arch):
-            generator = torch.Generator(args.device).manual_seed(args.seed)
-            q, _ = sample_quality(loaded.model, args.samples, args.steps, generator, loaded.tokenizer.decode,
-                                  sampler=sampler, source=source)
-            print(f"{args.samples} samples in {args.steps} steps, {sampler} sampler "
-                  f"({q['sampling_tokens_per_s']:,.0f} tokens/s): exact NLL under the source {q['nll']:.4f} "
-                  "nats/symbol "
-                  f"(95% CI {q['nll_low']:.4f}-{q['nll_high']:.4f}), source entropy {q['source_entropy']:.4f} "
-                  f"(gap {q['nll_gap']:+.4f}), unigram entropy {q['entropy']:.4f} nats "
-                  f"(the source's {q['source_unigram_entropy']:.4f}); {q['invalid']} special ids among the symbols")
-    if evaluator is not None:
-        for sampler in eval_samplers(args.sampler, loaded.config.arch):
-            generator = torch.Generator(args.device).manual_seed(args.seed)
-            quality, _ = sample_quality(loaded.model, args.samples, args.steps, generator, loaded.tokenizer.decode,
-                                        evaluator, sampler, args.gen_ppl_protocol)
-            print(f"{args.samples} samples in {args.steps} steps, {sampler} sampler "
-                  f"({quality['sampling_tokens_per_s']:,.0f} tokens/s): generative perplexity "
-                  f"{quality['gen_ppl']:.4f} under {args.eval_model} ({args.gen_ppl_protocol}-window protocol), "
-                  f"unigram entropy {quality['entropy']:.4f} nats")
+    source = MarkovSource.load(folder.path / SOURCE_FILE) if folder.meta.synthetic is not None else None
+    if source is None and evaluator is None:
+        return
+    for sampler in eval_samplers(args.sampler, loaded.config.arch):
+        generator = torch.Generator(args.device).manual_seed(args.seed)
+        q, _ = sample_quality(loaded.model, args.samples, args.steps, generator, loaded.tokenizer.decode,
+                              evaluator, sampler, args.gen_ppl_protocol, source)
+        scores = []
+        if source is not None:
+            scores.append(f"exact NLL under the source {q['nll']:.4f} nats/symbol (95% CI {q['nll_low']:.4f}-"
+                          f"{q['nll_high']:.4f}), source entropy {q['source_entropy']:.4f} (gap {q['nll_gap']:+.4f})")
+        if evaluator is not None:
+            scores.append(f"generative perplexity {q['gen_ppl']:.4f} under {args.eval_model} "
+                          f"({args.gen_ppl_protocol}-window protocol)")
+        own = f" (the source's {q['source_unigram_entropy']:.4f})" if source is not None else ""
+        invalid = f"; {q['invalid']} special ids among the symbols" if source is not None else ""
+        print(f"{args.samples} samples in {args.steps} steps, {sampler} sampler "
+              f"({q['sampling_tokens_per_s']:,.0f} tokens/s): {', '.join(scores)}, "
+              f"unigram entropy {q['entropy']:.4f} nats{own}{invalid}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -102,8 +103,11 @@ def train_tokenizer(texts: Iterable[str], out_path: Path, vocab_size: int, model
     try:
         _train(texts, proto, vocab_size, model_type, max_sentences, threads)
     except RuntimeError as err:
-        raise ValueError(f"sentencepiece could not train a {vocab_size}-token model: {err}; "
-                         "use a smaller --vocab-size or more documents") from None
+        # too few pieces for the characters (+ specials) the corpus needs, or too many for its text
+        needed = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", str(err))
+        advice = (f"use a --vocab-size of at least {needed.group(1)} (the corpus's characters, 256 byte "
+                  "pieces and the specials)" if needed else "use a smaller --vocab-size or more documents")
+        raise ValueError(f"sentencepiece could not train a {vocab_size}-token model: {err}; {advice}") from None
     tmp = out_path.with_name(out_path.name + ".tmp")
     tmp.write_bytes(proto.getvalue())
     os.replace(tmp, out_path)

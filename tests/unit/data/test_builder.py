@@ -252,3 +252,15 @@ def test_default_corpus_is_the_standard_library():
     names = {f.name for f in files}
     assert {"os.py", "json"} & names and len(files) > 500
     assert not any("site-packages" in f.parts for f in files)
+
+
+def test_a_vocabulary_smaller_than_the_corpuss_characters_says_how_large_it_must_be(tmp_path):
+    from pgm_dist.data.tokenizer import train_tokenizer
+
+    texts = ["".join(chr(0x4E00 + i) for i in range(j, j + 40)) for j in range(0, 400, 40)]  # 400 distinct chars
+    advice = r"could not train a 64-token model: .*use a --vocab-size of at least (\d+)"
+    with pytest.raises(ValueError, match=advice) as err:
+        train_tokenizer(texts, tmp_path / "tok.model", 64)
+    needed = int(err.value.args[0].rsplit("at least ", 1)[1].split()[0])
+    assert 400 + 256 <= needed < 680  # the characters, 256 byte-fallback pieces and the special pieces
+    train_tokenizer(texts, tmp_path / "tok.model", needed)  # the size it names trains

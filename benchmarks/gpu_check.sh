@@ -140,14 +140,17 @@ else
     step env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv && python -c '$versions'"
 fi
 step kernel_tests 180 python -m pytest -q -p no:cacheprovider tests/unit/attention tests/e2e/attention \
-    tests/unit/models/test_memory_paths.py tests/e2e/models/test_compile.py "${kernel_tests[@]}"
+    tests/unit/models/test_memory_paths.py tests/unit/models/test_linear_ce.py tests/e2e/models/test_compile.py "${kernel_tests[@]}"
 # bf16 out / dq / dk / dv of each head dim, L not a multiple of the tile, against fp32 SDPA on
 # the same inputs; fails over 2% of each tensor's largest magnitude (SDPA's own bf16: ~0.5%).
 step bf16_check 60 python benchmarks/attention.py --check 2e-2 --backends reference triton --device $device "${bf16[@]}"
 step attention 90 python benchmarks/attention.py --backends reference flex triton --target 2.5 --device $device \
     "${attention[@]}"
 step train_step 150 python benchmarks/train_step.py --engines deepspeed --backends reference triton flex \
-    --loss-chunks 0 1024 --checkpointing off --target-mfu 0.4 --device $device "${train[@]}"
+    --loss-chunks 0 1024 --fused on --checkpointing off --target-mfu 0.4 --device $device "${train[@]}"
+# the loss paths side by side: dense, chunks recomputed in backward, the fused op (issue 22)
+step fused_loss 60 python benchmarks/train_step.py --engines deepspeed --backends triton --loss-chunks 0 1024 \
+    --fused off on --checkpointing off --device $device "${train[@]}"
 step train_step_ckpt 45 python benchmarks/train_step.py --engines deepspeed --backends triton --loss-chunks 1024 \
     --checkpointing on --target-mfu 0.4 --device $device "${train[@]}"
 step train_step_plain 45 python benchmarks/train_step.py --engines plain --backends triton --loss-chunks 1024 \

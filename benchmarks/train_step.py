@@ -53,7 +53,13 @@ def parse_args(argv=None):
     p.add_argument("--backends", nargs="+", default=sorted(available_backends(), key=lambda b: b != "reference"),
                    help="attention backends; the first is the baseline of the speed-up column")
     p.add_argument("--loss-chunks", nargs="+", type=int, default=[0, ModelConfig.loss_chunk],
-                   help="tokens per chunk of the output projection + cross-entropy (0: unchunked)")
+                   help="tokens per chunk of the output projection + cross-entropy (0: unchunked, dense)")
+    p.add_argument("--fused", nargs="+", choices=ON_OFF, default=["off", "on"],
+                   help="chunked loss: on = the fused op (gradients made in the forward pass), off = chunks "
+                        "recomputed in backward; a chunk of 0 is one dense row")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds over all configurations, interleaved (each a fresh process); the table shows "
+                        "the median tokens/s and the largest peak memory of each")
     p.add_argument("--checkpointing", nargs="+", choices=ON_OFF, default=["off", "on"],
                    help="activation checkpointing per block")
     p.add_argument("--compile", nargs="+", choices=ON_OFF, default=["off"], help="torch.compile of the model")
@@ -114,7 +120,8 @@ def engine_step(model, config, args, device, compile):
     env = dist_env()
     init_process_group(device)
     cfg = TrainConfig(ds_config=args.ds_config, micro_batch=args.batch, global_batch=args.batch,
-                      loss_chunk=config.loss_chunk, activation_checkpointing=config.activation_checkpointing,
+                      loss_chunk=config.loss_chunk, fused_loss=config.fused_loss,
+                      activation_checkpointing=config.activation_checkpointing,
                       compile=compile, warmup_steps=0)
     ds_config = run_ds_config(cfg, env.world_size, device)
     ds_config["bf16"]["enabled"] = args.dtype == "bfloat16"
@@ -123,13 +130,13 @@ def engine_step(model, config, args, device, compile):
     return engine.module, lambda step: engine.train_step(batches, step)
 
 
-def step_rate(engine: str, preset: str, backend: str, loss_chunk: int, checkpointing: bool, compile: bool,
-              args) -> tuple[float, float, float]:
+def step_rate(engine: str, preset: str, backend: str, loss_chunk: int, fused: bool, checkpointing: bool,
+              compile: bool, args) -> tuple[float, float, float]:
     """Run in a fresh process: (tokens/s, model FLOP/s, peak memory in bytes)."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     rss_before = _rss_bytes()
     config = ModelConfig.preset(preset, vocab_size=args.vocab_size, seq_len=args.seq_len, attention=backend,
-                                loss_chunk=loss_chunk, activation_checkpointing=checkpointing)
+                                loss_chunk=loss_chunk, fused_loss=fused, activation_checkpointing=checkpointing)
     torch.manual_seed(0)
     model = build_model(config).to(device)
     if engine == "deepspeed":
@@ -170,21 +177,33 @@ def main(argv=None) -> None:
         print(f"engine deepspeed: pgm_dist.training.engine.Engine, {args.ds_config} (ZeRO-{stage}) as one rank, "
               f"micro-batch = global batch = {args.batch}, {'bf16' if args.dtype == 'bfloat16' else 'fp32'} weights")
     memory = "peak alloc MiB" if device.type == "cuda" else "peak RSS+ MiB"
-    print(f"{'engine':<9} {'preset':<12} {'backend':<10} {'chunk':>6} {'ckpt':>4} {'comp':>4} {'tokens/s':>10} "
-          f"{'TFLOP/s':>8} {'of matmul':>9} {'MFU':>6} {memory:>14} {'vs first':>8}")
-    # A fresh process per configuration: its peak memory, compile caches and process group are its own.
+    print(f"{'engine':<9} {'preset':<12} {'backend':<10} {'chunk':>6} {'fused':>5} {'ckpt':>4} {'comp':>4} "
+          f"{'tokens/s':>10} {'TFLOP/s':>8} {'of matmul':>9} {'MFU':>6} {memory:>14} {'vs first':>8}")
+    # A fresh process per configuration: its peak memory, compile caches and process group are its own;
+    # with --repeats the configurations take turns, so a slow spell of the machine hits them alike.
     spawn = multiprocessing.get_context("spawn")
     rows = []
     for preset in args.presets:
+        configs = [(engine, backend, chunk, fused if chunk else "-", ckpt, comp) for engine, backend, chunk, fused,
+                   ckpt, comp in itertools.product(args.engines, args.backends, args.loss_chunks, args.fused,
+                                                   args.checkpointing, args.compile)]
+        configs = list(dict.fromkeys(configs))  # a dense row once, whatever --fused says
+        results = {config: [] for config in configs}
+        for _ in range(args.repeats):
+            for config in configs:
+                engine, backend, chunk, fused, ckpt, comp = config
+                with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                    results[config].append(pool.submit(step_rate, engine, preset, backend, chunk,
+                                                       ON_OFF.get(fused, True), ON_OFF[ckpt], ON_OFF[comp],
+                                                       args).result())
         baseline = None
-        for engine, backend, chunk, ckpt, comp in itertools.product(args.engines, args.backends, args.loss_chunks,
-                                                                    args.checkpointing, args.compile):
-            with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-                tokens_per_s, flops, peak = pool.submit(step_rate, engine, preset, backend, chunk, ON_OFF[ckpt],
-                                                        ON_OFF[comp], args).result()
+        for config, measured in results.items():
+            tokens_per_s, flops, _ = sorted(measured)[len(measured) // 2]  # the median by tokens/s
+            peak = max(m[2] for m in measured)
             baseline = baseline or tokens_per_s
             mfu = flops / gpu_peak if gpu_peak else None
-            name = f"{engine:<9} {preset:<12} {backend:<10} {chunk:>6} {ckpt:>4} {comp:>4}"
+            engine, backend, chunk, fused, ckpt, comp = config
+            name = f"{engine:<9} {preset:<12} {backend:<10} {chunk:>6} {fused:>5} {ckpt:>4} {comp:>4}"
             rows.append((name, mfu))
             print(f"{name} {tokens_per_s:>10,.0f} {flops / 1e12:>8.3f} {flops / rate:>9.1%} "
                   f"{'-' if mfu is None else f'{mfu:.1%}':>6} {peak / 2**20:>14,.0f} {tokens_per_s / baseline:>7.2f}x",

@@ -7,8 +7,10 @@ distillation loop) can drive any of them:
 - ``nelbo(model, tokens, t, generator) -> (sum, count)``: validation NELBO terms,
   to be summed over the split and divided by the summed count.
 
-They never see logits: the networks take ``targets=`` and return the per-token NLL
-[B, L], computed in chunks of tokens (``ModelConfig.loss_chunk``).
+They never see logits: the networks take ``targets=`` and the per-token ``weights=`` of
+the objective (which do not depend on the parameters) and return ``sum(weights * nll)``,
+computed in chunks of tokens (``ModelConfig.loss_chunk``) by the fused op of
+``models/linear_ce.py``, whose forward already makes the gradients.
 """
 from __future__ import annotations
 
@@ -77,11 +79,11 @@ def partition_groups(t: Tensor, seq_len: int, schedule: LogLinearSchedule,
     return u < (1 - schedule.alpha(t))[:, None]
 
 
-def pgm_loss_terms(nll: Tensor, groups: Tensor, t: Tensor, schedule: LogLinearSchedule) -> Tensor:
-    """Per-token weighted terms ``w_{g(i)} * nll_i``: [B, L]."""
+def pgm_token_weights(groups: Tensor, t: Tensor, schedule: LogLinearSchedule) -> Tensor:
+    """Per-token weights ``w_{g(i)}`` of the NLL terms: [B, L]."""
     w1 = schedule.group1_weight(t)[:, None]
     w0 = schedule.group0_weight(t)[:, None]
-    return torch.where(groups, w1, w0) * nll
+    return torch.where(groups, w1, w0)
 
 
 @dataclass(frozen=True)
@@ -94,20 +96,17 @@ class PGMObjective:
     schedule: LogLinearSchedule = LogLinearSchedule()
     t_min: float = T_MIN
 
-    def _forward(self, model, tokens: Tensor, t: Tensor, generator) -> tuple[Tensor, Tensor]:
-        groups = partition_groups(t, tokens.shape[1], self.schedule, generator)
-        return model(tokens, groups, targets=tokens), groups
-
     def loss(self, model, tokens: Tensor, t: Tensor, generator=None) -> Tensor:
         """``sum_i w_{g(i)} nll_i / (2 B L)``."""
-        nll, groups = self._forward(model, tokens, t, generator)
-        return pgm_loss_terms(nll, groups, t, self.schedule).sum() / (2 * tokens.numel())
+        groups = partition_groups(t, tokens.shape[1], self.schedule, generator)
+        weights = pgm_token_weights(groups, t, self.schedule) / (2 * tokens.numel())
+        return model(tokens, groups, targets=tokens, weights=weights)
 
     def nelbo(self, model, tokens: Tensor, t: Tensor, generator=None) -> tuple[Tensor, int]:
         """Group-1 terms only, comparable with MDLM: ``(sum_i [g(i)=1] w1 nll_i, B L)``."""
-        nll, groups = self._forward(model, tokens, t, generator)
-        w1 = self.schedule.group1_weight(t)[:, None]
-        return (groups * w1 * nll).sum(), tokens.numel()
+        groups = partition_groups(t, tokens.shape[1], self.schedule, generator)
+        weights = groups * self.schedule.group1_weight(t)[:, None]
+        return model(tokens, groups, targets=tokens, weights=weights), tokens.numel()
 
 
 def mask_tokens(tokens: Tensor, t: Tensor, mask_id: int, schedule: LogLinearSchedule,
@@ -130,9 +129,8 @@ class MDLMObjective:
 
     def nelbo(self, model, tokens: Tensor, t: Tensor, generator=None) -> tuple[Tensor, int]:
         noisy, masked = mask_tokens(tokens, t, self.mask_id, self.schedule, generator)
-        nll = model(noisy, targets=tokens)
-        w1 = self.schedule.group1_weight(t)[:, None]
-        return (masked * w1 * nll).sum(), tokens.numel()
+        weights = masked * self.schedule.group1_weight(t)[:, None]
+        return model(noisy, targets=tokens, weights=weights), tokens.numel()
 
     def loss(self, model, tokens: Tensor, t: Tensor, generator=None) -> Tensor:
         total, count = self.nelbo(model, tokens, t, generator)

@@ -143,6 +143,7 @@ def prepare_distillation(cfg: DistillConfig, env: DistEnv, device: torch.device)
         raise ConfigError(f"the teacher {teacher.source} is an image PGM: SDTT distillation here is for text PGMs")
     model_config.attention = cfg.attention
     model_config.loss_chunk, model_config.activation_checkpointing = cfg.loss_chunk, cfg.activation_checkpointing
+    model_config.fused_loss = cfg.fused_loss
     if cfg.dropout is not None:
         model_config.dropout = cfg.dropout
     setup = prepare(cfg, env, device, model_config)

@@ -40,17 +40,22 @@ class ImageObjective:
         dropped = torch.rand(labels.shape, generator=generator, device=labels.device) < self.label_dropout
         return labels.masked_fill(dropped, self.num_classes)
 
-    def _nll(self, model, tokens: Tensor, r: Tensor, generator, labels: Tensor, drop: bool) -> Tensor:
+    def _nll_sum(self, model, tokens: Tensor, r: Tensor, generator, labels: Tensor, drop: bool,
+                 per_code: float) -> Tensor:
+        """``per_code * sum of the codes' NLL`` (BOS's weight 0)."""
         groups = self.groups(r, tokens.shape[1], generator)  # drawn first: the partition ignores the dropout
         if drop:
             labels = self.drop_labels(labels, generator)
-        return model(tokens, groups, labels=labels, targets=tokens)[:, 1:]  # the codes, not BOS
+        weights = torch.full(tokens.shape, per_code, device=tokens.device)
+        weights[:, 0] = 0  # the codes, not BOS
+        return model(tokens, groups, labels=labels, targets=tokens, weights=weights)
 
     def loss(self, model, tokens: Tensor, t: Tensor, generator=None, labels: Tensor | None = None) -> Tensor:
         """Mean cross-entropy per code over both groups (labels dropped to null 10% of the time)."""
         if labels is None:
             raise ValueError("the image objective needs class labels (an image data folder)")
-        return self._nll(model, tokens, t, generator, labels, drop=True).mean()
+        codes = tokens.shape[0] * (tokens.shape[1] - 1)
+        return self._nll_sum(model, tokens, t, generator, labels, drop=True, per_code=1 / codes)
 
     def nelbo(self, model, tokens: Tensor, t: Tensor, generator=None,
               labels: Tensor | None = None) -> tuple[Tensor, int]:
@@ -58,5 +63,5 @@ class ImageObjective:
         as ``val/nelbo``: for images it is the training loss (nats per code), not a bound."""
         if labels is None:
             raise ValueError("the image objective needs class labels (an image data folder)")
-        nll = self._nll(model, tokens, t, generator, labels, drop=False)
-        return nll.sum(), nll.numel()
+        codes = tokens.shape[0] * (tokens.shape[1] - 1)
+        return self._nll_sum(model, tokens, t, generator, labels, drop=False, per_code=1.0), codes

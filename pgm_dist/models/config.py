@@ -44,6 +44,8 @@ class ModelConfig:
     attention: str = "auto"
     # Runtime options (how, not what, is computed; a checkpoint resumes under other values):
     loss_chunk: int = 1024  # tokens per chunk of the output projection + cross-entropy (0: all at once)
+    # chunks' gradients made in the forward pass (models/linear_ce.py); False: recomputed in backward
+    fused_loss: bool = True
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     bos_id: int = 1
     eos_id: int = 2

@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pgm_dist.attention.interface import AttentionMask, attend
 from pgm_dist.models.config import ModelConfig
+from pgm_dist.models.linear_ce import weighted_linear_cross_entropy
 
 Rope = tuple[Tensor, Tensor]  # cos, sin: [B or 1, 1, L, head_dim] float32
 
@@ -163,14 +164,18 @@ class OutputLayer(nn.Module):
     With ``targets`` it returns the per-token NLL instead of the logits, computed over
     ``config.loss_chunk`` tokens at a time (0: all at once): each chunk's float32 logits
     live only inside its own forward, and its backward recomputes them (non-reentrant
-    checkpoint), so memory grows with ``loss_chunk x V``, not ``B x L x V``. It stays
-    inside this module's forward because ZeRO-3 holds ``proj``'s weights only there.
+    checkpoint), so memory grows with ``loss_chunk x V``, not ``B x L x V``. With ``targets``
+    and per-token ``weights`` it returns the scalar ``sum(weights * nll)``: chunked, by default
+    the fused op (``models/linear_ce.py``), whose forward makes each chunk's gradients so that
+    backward recomputes nothing (``config.fused_loss``). Both stay inside this module's forward
+    because ZeRO-3 holds ``proj``'s weights only there.
     """
 
     def __init__(self, config: ModelConfig, out_dim: int):
         super().__init__()
         d = config.d_model
         self.loss_chunk = config.loss_chunk
+        self.fused_loss = config.fused_loss
         self.norm = nn.LayerNorm(d, elementwise_affine=False)
         self.modulation = adaln_modulation(config, 2 * d)
         self.proj = nn.Linear(d, out_dim)
@@ -178,10 +183,12 @@ class OutputLayer(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: Tensor, c: Tensor, targets: Tensor | None = None) -> Tensor:
-        """x: [B, L, d]; c: [B or 1, cond_dim]; targets: LongTensor[B, L] or None.
+    def forward(self, x: Tensor, c: Tensor, targets: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
+        """x: [B, L, d]; c: [B or 1, cond_dim]; targets: LongTensor[B, L] or None; weights: [B, L] or None
+        (constants: no gradient flows to them).
 
-        Returns float32 logits [B, L, out_dim] without targets, else float32 NLL [B, L] (nats).
+        Returns float32 logits [B, L, out_dim] without targets, float32 NLL [B, L] (nats) with
+        targets, the float32 scalar ``sum(weights * nll)`` with targets and weights.
         """
         shift, scale = self.modulation(c)[:, None].chunk(2, dim=-1)
         h = modulate(self.norm(x), shift, scale)
@@ -189,6 +196,17 @@ class OutputLayer(nn.Module):
             return self.proj(h).float()
         if targets.shape != h.shape[:-1]:
             raise ValueError(f"targets {tuple(targets.shape)} do not match the tokens {tuple(h.shape[:-1])}")
+        if weights is not None:
+            if weights.shape != targets.shape:
+                raise ValueError(f"weights {tuple(weights.shape)} do not match the targets {tuple(targets.shape)}")
+            if self.loss_chunk and self.fused_loss:
+                return weighted_linear_cross_entropy(h.flatten(0, 1), self.proj.weight, self.proj.bias,
+                                                     targets.flatten(), weights.flatten(), self.loss_chunk)[0]
+            return (weights * self._token_nll(h, targets)).sum()
+        return self._token_nll(h, targets)
+
+    def _token_nll(self, h: Tensor, targets: Tensor) -> Tensor:
+        """Per-token NLL [B, L], in ``loss_chunk`` chunks recomputed in backward (0: all at once)."""
         if not self.loss_chunk:
             return self._nll(h, targets)
         nll_of = partial(checkpoint, self._nll, use_reentrant=False) if torch.is_grad_enabled() else self._nll

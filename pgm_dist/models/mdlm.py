@@ -18,15 +18,17 @@ class MDLM(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_enc))
         self.output = OutputLayer(config, config.vocab_size)
 
-    def forward(self, noisy_tokens: Tensor, labels: Tensor | None = None, targets: Tensor | None = None) -> Tensor:
+    def forward(self, noisy_tokens: Tensor, labels: Tensor | None = None, targets: Tensor | None = None,
+                weights: Tensor | None = None) -> Tensor:
         """noisy_tokens: LongTensor[B, L] with MASK = ``config.mask_id``; targets: LongTensor[B, L].
 
         Returns float32 logits [B, L, V] over the tokenizer's vocabulary, or with
-        ``targets`` their float32 NLL [B, L]. MASK (id V) has no column: it is never a
+        ``targets`` their float32 NLL [B, L] (with ``weights`` [B, L] too: ``sum(weights * nll)``,
+        ``layers.OutputLayer``). MASK (id V) has no column: it is never a
         target and a sampler cannot draw it.
         """
         rope = self.rotary(positions_like(noisy_tokens))
         c = self.cond(labels)
         x = run_blocks(self.blocks, self.embed(noisy_tokens), self.config.activation_checkpointing, c, rope,
                        AttentionMask.full())
-        return self.output(x, c, targets)
+        return self.output(x, c, targets, weights)

@@ -77,10 +77,11 @@ class PGM(nn.Module):
         self.registers = RegisterTokens(config.d_model) if config.registers else None
 
     def forward(self, tokens: Tensor, groups: Tensor, labels: Tensor | None = None,
-                targets: Tensor | None = None) -> Tensor:
+                targets: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
         """tokens: LongTensor[B, L]; groups: BoolTensor[B, L] (True = group 1); targets: LongTensor[B, L].
 
-        Returns float32 logits [B, L, V], or with ``targets`` their float32 NLL [B, L]:
+        Returns float32 logits [B, L, V], or with ``targets`` their float32 NLL [B, L] (with
+        ``weights`` [B, L] too, the scalar ``sum(weights * nll)``: ``layers.OutputLayer``):
         group-1 rows predicted from group 0 only and group-0 rows from group 1 only.
         With registers, group 0's and group 1's register tokens take positions 0 and 1
         (the tokens' shift by 2), each in its group; their own rows are not returned.
@@ -95,7 +96,7 @@ class PGM(nn.Module):
         c = self.cond(labels)
         memory = self._encode(x, rope, c, AttentionMask.same_group(groups))
         return self._decode(positions, rope, memory, rope, c, AttentionMask.cross_group(groups), targets,
-                            skip=0 if self.registers is None else 2)
+                            skip=0 if self.registers is None else 2, weights=weights)
 
     def predict(self, clean_tokens: Tensor, clean_positions: Tensor, query_positions: Tensor,
                 clean_lengths: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
@@ -122,9 +123,10 @@ class PGM(nn.Module):
         return run_blocks(self.encoder, x, self.config.activation_checkpointing, c, rope, mask)
 
     def _decode(self, query_positions: Tensor, q_rope: Rope, memory: Tensor, k_rope: Rope, c: Tensor,
-                mask: AttentionMask, targets: Tensor | None = None, skip: int = 0) -> Tensor:
+                mask: AttentionMask, targets: Tensor | None = None, skip: int = 0,
+                weights: Tensor | None = None) -> Tensor:
         """``skip``: leading rows (the registers') that predict nothing."""
         x = self.group_swap(query_positions, memory, q_rope, k_rope, mask)
         x = run_blocks(self.decoder, x, self.config.activation_checkpointing, c, q_rope, mask, memory=memory,
                        k_rope=k_rope)
-        return self.output(x[:, skip:], c, targets)
+        return self.output(x[:, skip:], c, targets, weights)

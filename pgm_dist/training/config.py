@@ -34,6 +34,9 @@ class TrainConfig:
     attention: str = _opt("auto", "attention backend", choices=ATTENTION_BACKENDS)
     loss_chunk: int = _opt(ModelConfig.loss_chunk, "tokens per chunk of the output projection + cross-entropy, so "
                                                    "float32 logits never exist for the whole micro-batch (0: unchunked)")
+    fused_loss: bool = _opt(ModelConfig.fused_loss, "with a loss chunk: each chunk's gradients made in the "
+                                                    "forward pass, so backward recomputes no logits (off: "
+                                                    "checkpointed chunks, their logits recomputed in backward)")
     activation_checkpointing: bool = _opt(False, "recompute each block's activations in backward (less memory, "
                                                  "~1/3 more compute)")
     compile: bool = _opt(False, "torch.compile the model (the Triton attention stays a graph break)")

@@ -32,7 +32,7 @@ def codec_sha256(folder: DataFolder, tokenizer: Tokenizer | None) -> str:
 
 
 # How, not what, a model computes: a checkpoint resumes under other values of these.
-VOLATILE_MODEL_FIELDS = ("attention", "preset_name", "loss_chunk", "activation_checkpointing")
+VOLATILE_MODEL_FIELDS = ("attention", "preset_name", "loss_chunk", "fused_loss", "activation_checkpointing")
 
 
 def check_resume(checkpoint: Path, model_config: ModelConfig, folder: DataFolder, tokenizer: Tokenizer | None) -> dict:
@@ -86,7 +86,7 @@ def preset_for_data(cfg: TrainConfig, folder: DataFolder) -> ModelConfig:
     """The ``--model`` preset at the data's vocabulary and length (and, for an image folder, its
     grid and classes), with the run's model options."""
     meta = folder.meta
-    options = {"attention": cfg.attention, "loss_chunk": cfg.loss_chunk,
+    options = {"attention": cfg.attention, "loss_chunk": cfg.loss_chunk, "fused_loss": cfg.fused_loss,
                "activation_checkpointing": cfg.activation_checkpointing}
     if cfg.dropout is not None:
         options["dropout"] = cfg.dropout

@@ -89,8 +89,9 @@ class _FixedLogits(torch.nn.Module):
         super().__init__()
         self.logits = logits
 
-    def forward(self, tokens, groups=None, targets=None):  # -> per-token NLL [B, L], as the networks
-        return torch.nn.functional.cross_entropy(self.logits.transpose(1, 2), targets, reduction="none")
+    def forward(self, tokens, groups=None, targets=None, weights=None):  # -> sum(weights * nll), as the networks
+        nll = torch.nn.functional.cross_entropy(self.logits.transpose(1, 2), targets, reduction="none")
+        return (weights * nll).sum()
 
 
 def _direct_nll(logits, tokens, b, i):
@@ -130,9 +131,9 @@ def test_mdlm_loss_equals_direct_per_token_computation():
     t = torch.tensor([0.3, 0.8])
     seen = {}
 
-    def model(noisy, targets):
+    def model(noisy, targets, weights):
         seen["noisy"] = noisy
-        return _FixedLogits(logits)(noisy, targets=targets)
+        return _FixedLogits(logits)(noisy, targets=targets, weights=weights)
 
     loss = MDLMObjective(mask_id=V).loss(model, tokens, t, torch.Generator().manual_seed(2))
     masked = seen["noisy"] == V

@@ -2,9 +2,10 @@
 rank's partition that equals the EMA of whole parameters, exact and cross-stage resumes, export.
 
 Five short runs, shared by the tests that read runs: a straight ZeRO-2 run of 12 steps (the
-reference); a ZeRO-3 run stopped at step 6 and resumed to 12; a ZeRO-3 run resumed from the ZeRO-2
-run's step-6 checkpoint (EMA decay 0 from there, so its EMA is its raw weights); a ZeRO-2 run
-resumed from the ZeRO-3 run's step-6 checkpoint. This file is also the launcher's script of the
+reference, with the dense loss: the others' fused output projection + cross-entropy, whose
+gradients are made in the forward pass inside ZeRO-3's gathered module, must equal it); a
+ZeRO-3 run stopped at step 6 and resumed to 12; a ZeRO-3 run resumed from the ZeRO-2 run's
+step-6 checkpoint (EMA decay 0 from there, so its EMA is its raw weights); a ZeRO-2 run resumed from the ZeRO-3 run's step-6 checkpoint. This file is also the launcher's script of the
 unequal-evaluation test (``__main__``).
 """
 from __future__ import annotations
@@ -37,8 +38,9 @@ def runs(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("zero3")
     common = ["--data", str(data), *COMMON]
     out = {name: root / name for name in ("zero2", "zero3", "z2_to_z3", "z3_to_z2")}
+    # The reference takes the dense loss (whole logits, plain autograd); every other run the fused one.
     run_train([*common, "--ds_config", "ds_configs/zero2.json", "--out", str(out["zero2"]),
-               "--max-steps", str(STEPS)], ranks=2)
+               "--max-steps", str(STEPS), "--loss-chunk", "0"], ranks=2)
     first = run_train([*common, "--ds_config", "ds_configs/zero3.json", "--out", str(out["zero3"]),
                        "--max-steps", "6"], ranks=2)
     # The stage-crossing resumes start from copies of the step-6 checkpoints (their universal

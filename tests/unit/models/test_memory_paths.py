@@ -91,14 +91,18 @@ def _saved_activation_bytes(model) -> int:
 @pytest.mark.parametrize("preset", ["pgm-tiny", "mdlm-tiny"])
 def test_chunked_loss_and_checkpointing_keep_less_for_backward(preset):
     """Dense, backward keeps the float32 log-softmax of the logits: 4 bytes x B L V. Chunked,
-    no [B L, V] tensor at all; checkpointed, each block keeps only its input."""
+    no [B L, V] tensor at all: recomputed chunks keep their inputs; the fused op keeps the input's
+    gradient ([B L, d], as large as the input) and the output weight's and bias's float32 gradients
+    ([V, d + 1]); checkpointed, each block keeps only its input."""
     vocab = 4000
-    kept = {(chunk, ckpt): _saved_activation_bytes(randomized_model(preset, vocab_size=vocab, loss_chunk=chunk,
-                                                                    activation_checkpointing=ckpt))
-            for chunk, ckpt in [(0, False), (64, False), (64, True)]}
+    kept = {(chunk, fused, ckpt): _saved_activation_bytes(randomized_model(
+        preset, vocab_size=vocab, loss_chunk=chunk, fused_loss=fused, activation_checkpointing=ckpt))
+        for chunk, fused, ckpt in [(0, True, False), (64, False, False), (64, True, False), (64, True, True)]}
     logits_bytes = 8 * L * vocab * 4
-    assert kept[0, False] - kept[64, False] > 0.95 * logits_bytes  # a few small chunk tensors are kept
-    assert kept[64, True] < kept[64, False] / 2
+    d = randomized_model(preset).config.d_model
+    assert kept[0, True, False] - kept[64, False, False] > 0.95 * logits_bytes  # a few small chunk tensors kept
+    assert 0 < kept[64, True, False] - kept[64, False, False] <= vocab * (d + 1) * 4
+    assert kept[64, True, True] < kept[64, True, False] / 2
 
 
 def test_mdlm_logits_are_the_old_logits_without_the_mask_column():

@@ -5,7 +5,8 @@ Five short runs, shared by the tests that read runs: a straight ZeRO-2 run of 12
 reference, with the dense loss: the others' fused output projection + cross-entropy, whose
 gradients are made in the forward pass inside ZeRO-3's gathered module, must equal it); a
 ZeRO-3 run stopped at step 6 and resumed to 12; a ZeRO-3 run resumed from the ZeRO-2 run's
-step-6 checkpoint (EMA decay 0 from there, so its EMA is its raw weights); a ZeRO-2 run resumed from the ZeRO-3 run's step-6 checkpoint. This file is also the launcher's script of the
+step-6 checkpoint (EMA decay 0 from there, so its EMA is its raw weights); a ZeRO-2 run resumed
+from the ZeRO-3 run's step-6 checkpoint. This file is also the launcher's script of the
 unequal-evaluation test (``__main__``).
 """
 from __future__ import annotations

@@ -2,7 +2,9 @@
 with the EMA weights, numbers reproducible with ``--seed``; by default on the validation
 shards of the data folder the model was trained on. With ``--eval-model``, samples are scored by a
 causal LM (generative perplexity); on a synthetic folder (``python -m pgm_dist.data
-build-synthetic``) they are always scored exactly under its Markov source."""
+build-synthetic``) they are always scored exactly under its Markov source. An image model
+reports its validation cross-entropy per code (with the true labels), which its training logs as
+``val/nelbo``."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +21,7 @@ from pgm_dist.data.synthetic import SOURCE_FILE, MarkovSource
 from pgm_dist.evaluation.gen_ppl import PROTOCOLS, eval_samplers, load_evaluator, sample_quality
 from pgm_dist.evaluation.nelbo import nelbo_and_perplexity, nelbo_sums
 from pgm_dist.training.components import objective_for
+from pgm_dist.training.setup import codec_sha256
 
 
 def main(argv=None) -> int:
@@ -50,6 +53,10 @@ def main(argv=None) -> int:
 
 def evaluate(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, args.device)
+    image = loaded.config.image_grid is not None
+    if image and args.eval_model:
+        raise DataError("--eval-model scores texts: an image model's samples are pictures "
+                        "(python -m pgm_dist.sample --model ... writes them)")
     evaluator = load_evaluator(args.eval_model, args.device) if args.eval_model else None
     trained_on = training_data_folder(loaded.info)
     if args.data is not None:
@@ -63,17 +70,27 @@ def evaluate(args: argparse.Namespace) -> None:
     else:
         data, origin = trained_on, "the folder the model was trained on"
     folder = DataFolder.open(data)
-    if folder.meta.tokenizer_sha256 != loaded.tokenizer.sha256:
+    if image:
+        if not folder.is_image or codec_sha256(folder, None) != loaded.info.get("tokenizer_sha256"):
+            raise DataError(f"{data} does not hold the image codes {loaded.source} was trained on (another grid, "
+                            "codebook, classes or VQ tokenizer, or a text folder): evaluate on the model's own "
+                            "image data folder" + (f" {trained_on}" if trained_on is not None else ""))
+    elif folder.meta.tokenizer_sha256 != loaded.tokenizer.sha256:
         raise DataError(f"{data} was tokenized with another tokenizer than the model's "
                         f"({loaded.source / 'tokenizer.model'}): evaluate on data built with "
                         f"`python -m pgm_dist.data build --tokenizer {loaded.source / 'tokenizer.model'}`"
                         + (f", or on the model's own {trained_on}" if trained_on is not None else ""))
     folder.meta.check(seq_len=loaded.config.seq_len)
     batches = ValidationLoader(folder.val_sources, seq_len=folder.meta.seq_len, micro_batch=args.micro_batch,
-                               max_batches=args.batches)
+                               max_batches=args.batches, labels=image)
     total = nelbo_sums(loaded.model, objective_for(loaded.config), batches, torch.device(args.device),
                        args.seed)
     nelbo, ppl = nelbo_and_perplexity(total)
+    if image:
+        print(f"model {loaded.source}\ndata {folder.path} ({origin})\nvalidation codes {int(total[1].item())}\n"
+              f"NELBO {nelbo:.6f} nats/code (the image objective's cross-entropy per code, true labels)\n"
+              f"perplexity {ppl:.4f}")
+        return
     print(f"model {loaded.source}\ndata {folder.path} ({origin})\nvalidation tokens {int(total[1].item())}\n"
           f"NELBO {nelbo:.6f} nats/token\nperplexity {ppl:.4f}")
     source = MarkovSource.load(folder.path / SOURCE_FILE) if folder.meta.synthetic is not None else None

@@ -87,3 +87,42 @@ def test_image_data_needs_an_image_preset_and_the_other_way_round(digits_run, da
         done = run_train(["--model", model, "--data", str(folder), "--out", str(tmp_path / model), "--max-steps", "1"],
                          launcher=False, check=False)
         assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_evaluate_reports_an_image_models_validation_cross_entropy(digits_run, data, capsys):
+    """``python -m pgm_dist.evaluate`` on the digits model (it crashed on the missing tokenizer): the
+    cross-entropy per code over the validation split, against the dense logits of the same draws."""
+    import torch
+    import torch.nn.functional as F
+
+    from pgm_dist import evaluate
+    from pgm_dist.data.loader import ValidationLoader
+    from pgm_dist.data.shards import DataFolder
+    from pgm_dist.images.objective import ImageObjective
+    from pgm_dist.objectives import derived_seed, low_discrepancy_times
+
+    digits, out, _ = digits_run
+    assert evaluate.main(["--model", str(out), "--batches", "2", "--micro-batch", "16", "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    reported = float(printed.split("NELBO ")[1].split()[0])
+    assert "nats/code" in printed and "validation codes" in printed
+    loaded = load_model(out)
+    objective = ImageObjective(num_classes=loaded.config.num_classes)
+    folder = DataFolder.open(digits)
+    total = count = 0.0
+    for index, (tokens, labels) in enumerate(ValidationLoader(folder.val_sources, seq_len=folder.meta.seq_len,
+                                                              micro_batch=16, max_batches=2, labels=True)):
+        generator = torch.Generator().manual_seed(derived_seed(3, 0, index))
+        u = torch.rand((), generator=generator, dtype=torch.float64).item()
+        r = low_discrepancy_times(u, torch.arange(tokens.shape[0]), tokens.shape[0], objective.t_min)
+        groups = objective.groups(r, tokens.shape[1], generator)
+        with torch.no_grad():
+            logits = loaded.model(tokens, groups, labels=labels)  # the dense path: whole logits
+        total += F.cross_entropy(logits[:, 1:].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum").item()
+        count += tokens[:, 1:].numel()
+    assert reported == pytest.approx(total / count, abs=1e-5)
+    # a text folder, or an evaluator of texts, is refused with a message
+    assert evaluate.main(["--model", str(out), "--data", str(data), "--batches", "1"]) == 2
+    assert "does not hold the image codes" in capsys.readouterr().err
+    assert evaluate.main(["--model", str(out), "--batches", "1", "--eval-model", "gpt2"]) == 2
+    assert "--eval-model scores texts" in capsys.readouterr().err

@@ -41,21 +41,21 @@ class ImageObjective:
         return labels.masked_fill(dropped, self.num_classes)
 
     def _nll_sum(self, model, tokens: Tensor, r: Tensor, generator, labels: Tensor, drop: bool,
-                 per_code: float) -> Tensor:
-        """``per_code * sum of the codes' NLL`` (BOS's weight 0)."""
+                 mean: bool) -> tuple[Tensor, int]:
+        """(the codes' summed NLL, or its mean with ``mean``; BOS weighs 0), the number of codes."""
+        codes = tokens.shape[0] * (tokens.shape[1] - 1)
         groups = self.groups(r, tokens.shape[1], generator)  # drawn first: the partition ignores the dropout
         if drop:
             labels = self.drop_labels(labels, generator)
-        weights = torch.full(tokens.shape, per_code, device=tokens.device)
+        weights = torch.full(tokens.shape, 1 / codes if mean else 1.0, device=tokens.device)
         weights[:, 0] = 0  # the codes, not BOS
-        return model(tokens, groups, labels=labels, targets=tokens, weights=weights)
+        return model(tokens, groups, labels=labels, targets=tokens, weights=weights), codes
 
     def loss(self, model, tokens: Tensor, t: Tensor, generator=None, labels: Tensor | None = None) -> Tensor:
         """Mean cross-entropy per code over both groups (labels dropped to null 10% of the time)."""
         if labels is None:
             raise ValueError("the image objective needs class labels (an image data folder)")
-        codes = tokens.shape[0] * (tokens.shape[1] - 1)
-        return self._nll_sum(model, tokens, t, generator, labels, drop=True, per_code=1 / codes)
+        return self._nll_sum(model, tokens, t, generator, labels, drop=True, mean=True)[0]
 
     def nelbo(self, model, tokens: Tensor, t: Tensor, generator=None,
               labels: Tensor | None = None) -> tuple[Tensor, int]:
@@ -63,5 +63,4 @@ class ImageObjective:
         as ``val/nelbo``: for images it is the training loss (nats per code), not a bound."""
         if labels is None:
             raise ValueError("the image objective needs class labels (an image data folder)")
-        codes = tokens.shape[0] * (tokens.shape[1] - 1)
-        return self._nll_sum(model, tokens, t, generator, labels, drop=False, per_code=1.0), codes
+        return self._nll_sum(model, tokens, t, generator, labels, drop=False, mean=False)

@@ -36,6 +36,7 @@ def _fused(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, toke
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if need_b else None
     nll = torch.empty(n, dtype=torch.float32, device=h.device)
+    token_weights = token_weights.float()  # once, not per chunk
     rows = torch.arange(min(chunk, n), device=h.device)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
@@ -47,7 +48,7 @@ def _fused(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, toke
             continue
         g = logits.sub_(lse[:, None]).exp_()  # the softmax, in the logits' memory
         g[r, t_c] -= 1
-        g.mul_(token_weights[start:stop, None].float())
+        g.mul_(token_weights[start:stop, None])
         if need_b:
             grad_b += g.sum(0)
         g = g.to(h.dtype)
@@ -58,7 +59,7 @@ def _fused(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, toke
                 grad_w.addmm_(g.t(), h_c)
             else:  # a bf16/fp16 matmul per chunk, summed in float32
                 grad_w += (g.t() @ h_c).float()
-    return (token_weights.float() * nll).sum(), nll, grad_h, grad_w, grad_b
+    return (token_weights * nll).sum(), nll, grad_h, grad_w, grad_b
 
 
 class _WeightedLinearCrossEntropy(torch.autograd.Function):

@@ -90,10 +90,12 @@ def requeue(job: str, timeout_s: float = 60) -> bool:
 
 
 def preempted(job: str, timeout_s: float = 20) -> bool:
-    """Whether the scheduler has preempted ``job`` (``scontrol show job``: PreemptTime is set). A job that
-    saves and exits within the preemption's GraceTime ends COMPLETED unless someone requeues it: SLURM
-    itself requeues only a job still running when the grace time ends. A failing or hanging scontrol
-    is reported and read as "not preempted"."""
+    """Whether the scheduler preempted this run of ``job`` and has not requeued it yet: ``scontrol show
+    job`` has PreemptTime set, the job is still RUNNING and its Restarts count is this run's
+    (``SLURM_RESTART_COUNT``). A job that saves and exits within the preemption's GraceTime ends
+    COMPLETED unless someone requeues it: SLURM itself requeues only a job still running when the
+    grace time ends, and a job it requeued that way must not be requeued a second time. A failing or
+    hanging scontrol is reported and read as "not preempted"."""
     command = ["scontrol", "show", "job", "-o", job]
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=True).stdout
@@ -103,7 +105,14 @@ def preempted(job: str, timeout_s: float = 20) -> bool:
               file=sys.stderr, flush=True)
         return False
     fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
-    return fields.get("PreemptTime", "None") not in ("None", "Unknown", "")
+    if fields.get("PreemptTime", "None") in ("None", "Unknown", ""):
+        return False
+    state, restarts = fields.get("JobState"), fields.get("Restarts", "0")
+    if state != "RUNNING" or restarts != os.environ.get("SLURM_RESTART_COUNT", "0"):
+        print(f"job {job} was preempted and SLURM has requeued it already (JobState {state}, Restarts "
+              f"{restarts}): not requeued again", flush=True)
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ test process and are stopped by the process ids started here. See the SLURM sect
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -142,6 +143,15 @@ class SlurmCluster:
         """One ``scontrol show job`` field, e.g. ``JobState`` or ``Restarts``."""
         text = self.run("scontrol", "show", "job", job_id, "-o").stdout
         return next(item.split("=", 1)[1] for item in text.split() if item.startswith(field + "="))
+
+    def controller_log(self, job_id: str) -> str:
+        """slurmctld's log lines about ``job_id`` (for a failing test's message: who requeued it, when)."""
+        try:
+            lines = (self.folder / "slurmctld.log").read_text(errors="replace").splitlines()
+        except OSError as err:
+            return f"(no slurmctld log: {err})"
+        mentions = re.compile(rf"\bJob_?Id={job_id}\b", re.IGNORECASE)
+        return "\n".join(line for line in lines if mentions.search(line))
 
     def wait_job(self, job_id: str, states: set[str], timeout: float) -> str:
         deadline = time.monotonic() + timeout

@@ -115,15 +115,28 @@ def test_a_refused_requeue_says_what_to_run_instead(job, tmp_path):
     assert "submit the same command again with --continue" in out
 
 
-@pytest.mark.parametrize("output, rc, answer", [
-    ("JobId=7 JobState=RUNNING PreemptEligibleTime=2026-12-07T05:29:05 PreemptTime=None Restarts=0", 0, False),
-    ("JobId=7 JobState=RUNNING PreemptEligibleTime=2026-12-07T05:29:05 PreemptTime=2026-12-07T05:29:07", 0, True),
-    ("slurm_load_jobs error: Unable to contact slurm controller", 1, False),  # reported, read as "no"
+@pytest.mark.parametrize("output, rc, restart, answer", [
+    ("JobId=7 JobState=RUNNING PreemptEligibleTime=2026-12-07T05:29:05 PreemptTime=None Restarts=0", 0, None, False),
+    ("JobId=7 JobState=RUNNING PreemptEligibleTime=2026-12-07T05:29:05 PreemptTime=2026-12-07T05:29:07 Restarts=0",
+     0, None, True),
+    ("JobId=7 JobState=RUNNING PreemptTime=2026-12-07T05:29:07 Restarts=2", 0, "2", True),
+    # the grace time ended before the save: SLURM requeued the job itself, once is enough
+    ("JobId=7 JobState=COMPLETING PreemptTime=2026-12-07T05:29:07 Restarts=1", 0, None, False),
+    ("JobId=7 JobState=PENDING PreemptTime=2026-12-07T05:29:07 Restarts=1", 0, None, False),
+    ("JobId=7 JobState=RUNNING PreemptTime=2026-12-07T05:29:07 Restarts=1", 0, "0", False),
+    ("slurm_load_jobs error: Unable to contact slurm controller", 1, None, False),  # reported, read as "no"
 ])
-def test_a_preemption_is_read_from_scontrols_preempt_time(tmp_path, monkeypatch, capsys, output, rc, answer):
+def test_a_preemption_is_read_from_scontrols_preempt_time(tmp_path, monkeypatch, capsys, output, rc, restart,
+                                                          answer):
     (tmp_path / "scontrol").write_text(f"#!/bin/sh\necho '{output}'\nexit {rc}\n")
     (tmp_path / "scontrol").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    if restart is None:
+        monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    else:
+        monkeypatch.setenv("SLURM_RESTART_COUNT", restart)
     assert preempted("7") is answer
+    if "PreemptTime=2" in output and not answer:
+        assert "SLURM has requeued it already" in capsys.readouterr().out
     if rc:
         assert "cannot tell whether the scheduler preempted the job" in capsys.readouterr().err

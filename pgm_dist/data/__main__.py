@@ -32,7 +32,13 @@ def main(argv=None) -> int:
                         f"{AUTO_MIN_TRAIN_SHARDS} for a corpus that would fill fewer than {AUTO_MIN_TRAIN_SHARDS} "
                         "train shards, so that it splits over that many ranks x loader workers)")
     b.add_argument("--tokenizer", type=Path, default=None,
-                   help="an existing sentencepiece .model to use instead of training one")
+                   help="an existing tokenizer file to use instead of training one: a sentencepiece .model, or "
+                        "another data folder's tokenizer.model")
+    b.add_argument("--hf-tokenizer", default=None, metavar="NAME_OR_PATH",
+                   help="a Hugging Face tokenizer instead of training one: a name transformers resolves from its "
+                        "cache or the Hub (gpt2, as the paper's text models), a tokenizer folder, or a "
+                        "tokenizer.json; documents end with its EOS, blocks are [BOS] ... [EOS] (GPT-2: "
+                        "<|endoftext|> as both), as the reference prepares OpenWebText")
     b.add_argument("--model-type", choices=("bpe", "unigram"), default=defaults.model_type,
                    help="sentencepiece model type when training one")
     b.add_argument("--workers", type=int, default=defaults.workers, help="tokenizer processes")
@@ -74,6 +80,7 @@ def build_synthetic_command(args: argparse.Namespace) -> None:
 def build_text(args: argparse.Namespace) -> None:
     settings = BuildSettings(vocab_size=args.vocab_size, seq_len=args.seq_len, val_fraction=args.val_fraction,
                              samples_per_shard=args.samples_per_shard, tokenizer=args.tokenizer,
+                             hf_tokenizer=args.hf_tokenizer,
                              workers=args.workers, model_type=args.model_type)
     build(args.out, args.input, settings, progress=not args.no_progress)
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -35,7 +36,7 @@ from pgm_dist.data.shards import (
     reuse_or_reset,
     token_dtype,
 )
-from pgm_dist.data.tokenizer import SPECIAL_IDS, Tokenizer, train_tokenizer
+from pgm_dist.data.tokenizer import SPECIAL_IDS, Tokenizer, train_tokenizer, write_hf_tokenizer
 
 TOKENIZER_STAMP = "tokenizer.stamp"
 DOCS_PER_TASK = 64
@@ -61,7 +62,8 @@ class BuildSettings:
     seq_len: int = 256
     val_fraction: float = 0.01
     samples_per_shard: int | None = None  # None: automatic (see the module docstring)
-    tokenizer: Path | None = None  # an existing sentencepiece model instead of training one
+    tokenizer: Path | None = None  # an existing tokenizer file (any kind Tokenizer reads) instead of training one
+    hf_tokenizer: str | None = None  # a Hugging Face tokenizer (name, folder or tokenizer.json) instead
     workers: int = 2
     model_type: str = "bpe"
 
@@ -72,6 +74,8 @@ class BuildSettings:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if (self.samples_per_shard is not None and self.samples_per_shard < 1) or self.workers < 1:
             raise ValueError("--samples-per-shard and --workers must be at least 1")
+        if self.tokenizer is not None and self.hf_tokenizer is not None:
+            raise ValueError("pass --tokenizer or --hf-tokenizer, not both")
         if self.tokenizer is not None and not Path(self.tokenizer).is_file():
             raise FileNotFoundError(f"tokenizer {self.tokenizer} does not exist")
 
@@ -173,6 +177,14 @@ def build(out: Path, inputs: list[Path] | None = None, settings: BuildSettings |
     """Build (or reuse) a data folder; returns its metadata."""
     settings = settings or BuildSettings()
     out = Path(out)
+    if settings.hf_tokenizer is not None:
+        # resolved once, into a file: from here on it is "an existing tokenizer", fingerprinted by content
+        with tempfile.TemporaryDirectory() as tmp:
+            resolved = write_hf_tokenizer(Path(tmp) / TOKENIZER_FILE, settings.hf_tokenizer)
+            log(f"Hugging Face tokenizer {settings.hf_tokenizer}: {resolved.vocab_size} tokens, BOS {resolved.bos_id}, "
+                f"EOS {resolved.eos_id}")
+            return build(out, inputs, dataclasses.replace(settings, tokenizer=resolved.path, hf_tokenizer=None),
+                         progress, log)
     inputs = [Path(p) for p in inputs] if inputs else default_corpus_paths()
     files = list_files(inputs)
     settings_dict = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()}
@@ -230,8 +242,8 @@ def build(out: Path, inputs: list[Path] | None = None, settings: BuildSettings |
 
     meta = DatasetMeta(
         vocab_size=tokenizer.vocab_size, seq_len=settings.seq_len, dtype=dtype.name,
-        special_ids={"unk": SPECIAL_IDS["unk"], "bos": tokenizer.bos_id, "eos": tokenizer.eos_id,
-                     "pad": tokenizer.pad_id},
+        special_ids={"unk": None if tokenizer.kind == "hf" else SPECIAL_IDS["unk"], "bos": tokenizer.bos_id,
+                     "eos": tokenizer.eos_id, "pad": tokenizer.pad_id},
         samples_per_shard=per_shard, samples_per_shard_reason=reason, train=sinks["train"].info,
         val=sinks["val"].info,
         dropped_blocks=dropped, tokenizer_sha256=tokenizer.sha256, sources=_sources_checksums(inputs, files),

@@ -17,6 +17,8 @@ SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
 
 # The first bytes of an id codec's file (a synthetic folder's ``tokenizer.model``): its symbols are ids.
 ID_CODEC_MAGIC = b'{"codec": "ids"'
+# The first bytes of a Hugging Face tokenizer's file: its tokenizer.json and the ids of its BOS and EOS.
+HF_CODEC_MAGIC = b'{"codec": "hf"'
 
 
 def write_id_codec(path: Path, vocab_size: int, *, bos: int, eos: int) -> None:
@@ -36,12 +38,111 @@ class IdCodec:
     def encode(self, text: str) -> list[int]:
         return [int(word) for word in text.split()]
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
     def decode(self, ids: Iterable[int]) -> str:
         return " ".join(str(int(i)) for i in ids if int(i) not in (self.bos_id, self.eos_id))
 
 
+class SentencePieceCodec:
+    def __init__(self, path: Path):
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        special = {self.bos_id, self.eos_id, self.pad_id}
+        return self.sp.decode([int(i) for i in ids if int(i) not in special])
+
+
+class HFCodec:
+    """A Hugging Face (``tokenizers``) tokenizer: no special token is added on encoding (the data
+    builder places BOS and EOS, as the reference's OpenWebText preparation); BOS, EOS and PAD (= EOS)
+    are dropped on decoding. GPT-2's ``<|endoftext|>`` is both BOS and EOS."""
+
+    def __init__(self, values: dict):
+        from tokenizers import Tokenizer as BackendTokenizer
+
+        self.backend = BackendTokenizer.from_str(json.dumps(values["tokenizer"]))
+        self.name, self.bos_id, self.eos_id = values.get("name"), values["bos"], values["eos"]
+        self.pad_id = self.eos_id
+        self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        special = {self.bos_id, self.eos_id}
+        return self.backend.decode([int(i) for i in ids if int(i) not in special], skip_special_tokens=False)
+
+
+# How a reference names the roles when the tokenizer itself does not say (a bare tokenizer.json).
+_BOS_NAMES = ("<|endoftext|>", "<s>", "[BOS]", "<bos>", "[CLS]", "<|begin_of_text|>")
+_EOS_NAMES = ("<|endoftext|>", "</s>", "[EOS]", "<eos>", "[SEP]", "<|end_of_text|>")
+
+
+def _roles_by_name(backend) -> tuple[int | None, int | None]:
+    vocab = backend.get_vocab(with_added_tokens=True)
+    bos = next((vocab[name] for name in _BOS_NAMES if name in vocab), None)
+    eos = next((vocab[name] for name in _EOS_NAMES if name in vocab), None)
+    return bos, eos
+
+
+def write_hf_tokenizer(path: Path, name_or_path: str) -> "Tokenizer":
+    """Resolve a Hugging Face tokenizer and write it to ``path`` as one file (its ``tokenizer.json`` and
+    the ids of BOS and EOS), atomically. ``name_or_path``: a ``tokenizer.json`` file; a tokenizer
+    folder; or a name ``transformers`` resolves from its local cache or the Hub (``gpt2``). BOS is the
+    tokenizer's BOS, else its CLS; EOS its EOS, else its SEP (the reference's rule); a bare
+    ``tokenizer.json`` is read by its special tokens' names."""
+    source = Path(name_or_path)
+    if source.is_file():
+        from tokenizers import Tokenizer as BackendTokenizer
+
+        try:
+            backend = BackendTokenizer.from_file(str(source))
+        except Exception as err:  # the tokenizers library raises its own exception types
+            raise ValueError(f"{source} is not a Hugging Face tokenizer.json: {err}") from None
+        bos, eos = _roles_by_name(backend)
+        text = backend.to_str()
+    else:
+        try:
+            import transformers
+        except ImportError:
+            raise ValueError(f"resolving the Hugging Face tokenizer {name_or_path!r} needs transformers: "
+                             "pip install transformers (or pass a tokenizer.json file)") from None
+        try:
+            hf = transformers.AutoTokenizer.from_pretrained(name_or_path)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot load the Hugging Face tokenizer {name_or_path!r}: {err}") from None
+        if not getattr(hf, "is_fast", False):
+            raise ValueError(f"{name_or_path!r} has no fast (tokenizers) version: pgm_dist reads tokenizer.json")
+        bos = hf.bos_token_id if hf.bos_token_id is not None else hf.cls_token_id
+        eos = hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id
+        text = hf.backend_tokenizer.to_str()
+    if bos is None or eos is None:
+        raise ValueError(f"the tokenizer {name_or_path!r} names no BOS/CLS or EOS/SEP token: the data builder "
+                         "needs both to wrap the blocks")
+    values = {"codec": "hf", "name": str(name_or_path), "bos": int(bos), "eos": int(eos),
+              "tokenizer": json.loads(text)}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(values))
+    os.replace(tmp, path)
+    return Tokenizer(path)
+
+
 class Tokenizer:
-    """A trained sentencepiece model with BOS/EOS/PAD ids reserved, or (a synthetic folder's) an id codec."""
+    """The data folder's tokenizer file: a trained sentencepiece model with BOS/EOS/PAD ids reserved,
+    a Hugging Face tokenizer (:func:`write_hf_tokenizer`), or a synthetic folder's id codec."""
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
@@ -51,38 +152,40 @@ class Tokenizer:
                 "or pass --tokenizer")
         self.path = path
         data = path.read_bytes()
-        self.ids = IdCodec(json.loads(data)) if data.startswith(ID_CODEC_MAGIC) else None
-        self.sp = None if self.ids else spm.SentencePieceProcessor(model_file=str(path))
+        if data.startswith(ID_CODEC_MAGIC):
+            self.codec = IdCodec(json.loads(data))
+        elif data.startswith(HF_CODEC_MAGIC):
+            self.codec = HFCodec(json.loads(data))
+        else:
+            self.codec = SentencePieceCodec(path)
+        self.kind = {IdCodec: "ids", HFCodec: "hf", SentencePieceCodec: "sentencepiece"}[type(self.codec)]
         self.sha256 = file_sha256(path)
 
     @property
     def vocab_size(self) -> int:
-        return self.ids.vocab_size if self.ids else self.sp.get_piece_size()
+        return self.codec.vocab_size
 
     @property
     def bos_id(self) -> int:
-        return self.ids.bos_id if self.ids else self.sp.bos_id()
+        return self.codec.bos_id
 
     @property
     def eos_id(self) -> int:
-        return self.ids.eos_id if self.ids else self.sp.eos_id()
+        return self.codec.eos_id
 
     @property
     def pad_id(self) -> int:
-        return self.ids.pad_id if self.ids else self.sp.pad_id()
+        return self.codec.pad_id
 
     def encode(self, text: str) -> list[int]:
-        return self.ids.encode(text) if self.ids else self.sp.encode(text)
+        return self.codec.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self.ids.encode(text) for text in texts] if self.ids else self.sp.encode(texts)
+        return self.codec.encode_batch(texts)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Decode ids, dropping the special BOS/EOS/PAD ids."""
-        if self.ids:
-            return self.ids.decode(ids)
-        special = {self.bos_id, self.eos_id, self.pad_id}
-        return self.sp.decode([int(i) for i in ids if int(i) not in special])
+        return self.codec.decode(ids)
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:

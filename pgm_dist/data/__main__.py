@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pgm_dist.common.cli import HelpFormatter, run_cli
 from pgm_dist.data.builder import AUTO_MIN_TRAIN_SHARDS, DEFAULT_SAMPLES_PER_SHARD, BuildSettings, build
+from pgm_dist.data.documents import HFDatasetInput
 from pgm_dist.data.synthetic import SyntheticSettings, build_synthetic
 from pgm_dist.images.data import add_build_images_parser, build_images_command
 
@@ -21,8 +22,16 @@ def main(argv=None) -> int:
                             description="Tokenize documents into shards.", formatter_class=HelpFormatter)
     b.add_argument("--out", type=Path, required=True, help="output folder (e.g. data_shards/mycorpus)")
     b.add_argument("--input", type=Path, nargs="+", action="extend", default=None,
-                   help="files or folders of .txt/.md/.py/.jsonl documents, optionally .gz "
+                   help="files or folders of .txt/.md/.py/.jsonl documents, optionally .gz, and .parquet "
                         "(default: the Python standard library's source)")
+    b.add_argument("--hf-dataset", default=None, metavar="NAME_OR_FOLDER",
+                   help="a Hugging Face dataset instead of --input, streamed (never copied to disk): a Hub name "
+                        "(openwebtext) resolved from the cache or the Hub, or a local dataset folder")
+    b.add_argument("--hf-config", default=None, help="--hf-dataset: its configuration name")
+    b.add_argument("--hf-split", default="train", help="--hf-dataset: the split read")
+    b.add_argument("--hf-revision", default=None, help="--hf-dataset: a Hub revision (branch, tag or commit)")
+    b.add_argument("--text-field", default=defaults.text_field,
+                   help="the field of a .jsonl line / the column of a .parquet file that holds the text")
     b.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="sentencepiece vocabulary size")
     b.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per block, BOS and EOS included")
     b.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
@@ -78,9 +87,12 @@ def build_synthetic_command(args: argparse.Namespace) -> None:
 
 
 def build_text(args: argparse.Namespace) -> None:
+    hf_dataset = None
+    if args.hf_dataset:
+        hf_dataset = HFDatasetInput(args.hf_dataset, args.hf_config, args.hf_split, args.hf_revision)
     settings = BuildSettings(vocab_size=args.vocab_size, seq_len=args.seq_len, val_fraction=args.val_fraction,
                              samples_per_shard=args.samples_per_shard, tokenizer=args.tokenizer,
-                             hf_tokenizer=args.hf_tokenizer,
+                             hf_tokenizer=args.hf_tokenizer, text_field=args.text_field, hf_dataset=hf_dataset,
                              workers=args.workers, model_type=args.model_type)
     build(args.out, args.input, settings, progress=not args.no_progress)
 

@@ -26,7 +26,15 @@ import numpy as np
 from tqdm import tqdm
 
 from pgm_dist.common.files import file_sha256, write_json_atomic
-from pgm_dist.data.documents import Document, default_corpus_paths, files_fingerprint, iter_documents, list_files
+from pgm_dist.data.documents import (
+    TEXT_FIELD,
+    Document,
+    HFDatasetInput,
+    default_corpus_paths,
+    files_fingerprint,
+    iter_documents,
+    list_files,
+)
 from pgm_dist.data.shards import (
     BUILDER_VERSION,
     META_FILE,
@@ -66,6 +74,8 @@ class BuildSettings:
     hf_tokenizer: str | None = None  # a Hugging Face tokenizer (name, folder or tokenizer.json) instead
     workers: int = 2
     model_type: str = "bpe"
+    text_field: str = TEXT_FIELD  # the text of a .jsonl line / .parquet row / dataset record
+    hf_dataset: HFDatasetInput | None = None  # a Hugging Face dataset instead of --input files
 
     def __post_init__(self) -> None:
         if self.seq_len < 3:
@@ -74,6 +84,8 @@ class BuildSettings:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if (self.samples_per_shard is not None and self.samples_per_shard < 1) or self.workers < 1:
             raise ValueError("--samples-per-shard and --workers must be at least 1")
+        if isinstance(self.hf_dataset, dict):
+            self.hf_dataset = HFDatasetInput(**self.hf_dataset)
         if self.tokenizer is not None and self.hf_tokenizer is not None:
             raise ValueError("pass --tokenizer or --hf-tokenizer, not both")
         if self.tokenizer is not None and not Path(self.tokenizer).is_file():
@@ -153,7 +165,7 @@ def _encode_in_order(docs: Iterator[Document], pool, tokenizer_path: str):
         yield from zip(tasks, results)
 
 
-def _prepare_tokenizer(out: Path, files: list[Path], settings: BuildSettings, fingerprint: str, log) -> Tokenizer:
+def _prepare_tokenizer(out: Path, documents, settings: BuildSettings, fingerprint: str, log) -> Tokenizer:
     target = out / TOKENIZER_FILE
     stamp = out / TOKENIZER_STAMP
     if settings.tokenizer is not None:
@@ -165,9 +177,9 @@ def _prepare_tokenizer(out: Path, files: list[Path], settings: BuildSettings, fi
     if target.exists() and stamp.exists() and stamp.read_text().strip() == fingerprint:
         log(f"reusing the tokenizer in {target}")
         return Tokenizer(target)
-    log(f"training a {settings.vocab_size}-token sentencepiece {settings.model_type} model on {len(files)} files ...")
-    tokenizer = train_tokenizer((d.text for d in iter_documents(files)), target, settings.vocab_size,
-                                settings.model_type, threads=settings.workers)
+    log(f"training a {settings.vocab_size}-token sentencepiece {settings.model_type} model ...")
+    tokenizer = train_tokenizer((d.text for d in documents()), target,
+                                settings.vocab_size, settings.model_type, threads=settings.workers)
     stamp.write_text(fingerprint + "\n")
     return tokenizer
 
@@ -185,22 +197,37 @@ def build(out: Path, inputs: list[Path] | None = None, settings: BuildSettings |
                 f"EOS {resolved.eos_id}")
             return build(out, inputs, dataclasses.replace(settings, tokenizer=resolved.path, hf_tokenizer=None),
                          progress, log)
-    inputs = [Path(p) for p in inputs] if inputs else default_corpus_paths()
-    files = list_files(inputs)
+    if settings.hf_dataset is not None and inputs:
+        raise ValueError("pass --input or --hf-dataset, not both")
+    source = settings.hf_dataset
+    inputs = [] if source else [Path(p) for p in inputs] if inputs else default_corpus_paths()
+    files = [] if source else list_files(inputs)
+    inputs_fingerprint = source.fingerprint() if source else files_fingerprint(files)
+
+    def documents() -> Iterator[Document]:
+        return source.documents(settings.text_field) if source else iter_documents(files, settings.text_field)
+
     settings_dict = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()}
     settings_dict.pop("workers")  # the output does not depend on it
+    # options added later leave the fingerprints of folders built without them as they were
+    added_defaults = {"hf_tokenizer": None, "text_field": TEXT_FIELD, "hf_dataset": None}
+    for name, default in added_defaults.items():
+        if settings_dict[name] == default:
+            settings_dict.pop(name)
     if settings.tokenizer is not None:
         settings_dict["tokenizer"] = file_sha256(settings.tokenizer)
     fingerprint = hashlib.sha256(json.dumps(
-        [BUILDER_VERSION, settings_dict, files_fingerprint(files)], sort_keys=True).encode()).hexdigest()
-    tokenizer_fingerprint = hashlib.sha256(json.dumps(
-        [BUILDER_VERSION, settings.vocab_size, settings.model_type, files_fingerprint(files)]).encode()).hexdigest()
+        [BUILDER_VERSION, settings_dict, inputs_fingerprint], sort_keys=True).encode()).hexdigest()
+    trained_on = [BUILDER_VERSION, settings.vocab_size, settings.model_type, inputs_fingerprint]
+    if settings.text_field != TEXT_FIELD:
+        trained_on.append(settings.text_field)
+    tokenizer_fingerprint = hashlib.sha256(json.dumps(trained_on).encode()).hexdigest()
 
     reused = reuse_or_reset(out, fingerprint, log)
     if reused is not None:
         return reused
 
-    tokenizer = _prepare_tokenizer(out, files, settings, tokenizer_fingerprint, log)
+    tokenizer = _prepare_tokenizer(out, documents, settings, tokenizer_fingerprint, log)
     dtype = token_dtype(tokenizer.vocab_size)
     packers = {s: BlockPacker(settings.seq_len, tokenizer.bos_id, tokenizer.eos_id, dtype) for s in ("train", "val")}
     sinks = {s: ShardWriter(out, s, settings.samples_per_shard) for s in ("train", "val")}
@@ -212,7 +239,7 @@ def build(out: Path, inputs: list[Path] | None = None, settings: BuildSettings |
         if settings.workers > 1 else None
     bar = tqdm(unit="doc", desc="tokenize", disable=not progress)
     try:
-        for docs, ids_list in _encode_in_order(iter_documents(files), pool, str(tokenizer.path)):
+        for docs, ids_list in _encode_in_order(documents(), pool, str(tokenizer.path)):
             for doc, ids in zip(docs, ids_list):
                 split = "val" if is_validation(doc, settings.val_fraction) else "train"
                 sinks[split].info.documents += 1
@@ -246,7 +273,8 @@ def build(out: Path, inputs: list[Path] | None = None, settings: BuildSettings |
                      "eos": tokenizer.eos_id, "pad": tokenizer.pad_id},
         samples_per_shard=per_shard, samples_per_shard_reason=reason, train=sinks["train"].info,
         val=sinks["val"].info,
-        dropped_blocks=dropped, tokenizer_sha256=tokenizer.sha256, sources=_sources_checksums(inputs, files),
+        dropped_blocks=dropped, tokenizer_sha256=tokenizer.sha256,
+        sources=[{"hf_dataset": dataclasses.asdict(source)}] if source else _sources_checksums(inputs, files),
         settings_fingerprint=fingerprint,
     )
     write_json_atomic(out / META_FILE, meta.to_dict())

@@ -27,7 +27,11 @@ from pgm_dist.training.setup import codec_sha256
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pgm_dist.evaluate", description=__doc__,
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--model", required=True, help="an export, a checkpoint, or a run folder")
+    parser.add_argument("--model", required=True,
+                        help="an export, a checkpoint, a run folder, or a released reference .ckpt file")
+    parser.add_argument("--tokenizer", default=None, metavar="NAME_OR_PATH",
+                        help="a released .ckpt file's tokenizer (default: gpt2; Hugging Face name, folder or "
+                             "tokenizer.json)")
     parser.add_argument("--data", default=None,
                         help="a data folder (its val-*.tar shards) tokenized with the model's tokenizer "
                              "(default: the folder the model was trained on)")
@@ -52,7 +56,7 @@ def main(argv=None) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    loaded = load_model(args.model, args.device)
+    loaded = load_model(args.model, args.device, tokenizer=args.tokenizer)
     image = loaded.config.image_grid is not None
     if image and args.eval_model:
         raise DataError("--eval-model scores texts: an image model's samples are pictures "

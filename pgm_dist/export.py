@@ -7,26 +7,18 @@ import shutil
 import sys
 from pathlib import Path
 
-from safetensors.torch import save_file
-
-from pgm_dist.checkpoints.load import (
-    EXPORT_CONFIG,
-    EXPORT_WEIGHTS,
-    image_decoder_path,
-    load_model,
-    training_data_folder,
-)
+from pgm_dist.checkpoints.load import image_decoder_path, load_model, save_export, training_data_folder
 from pgm_dist.common.cli import HelpFormatter, run_cli
-from pgm_dist.common.files import write_json_atomic
 from pgm_dist.data.shards import TOKENIZER_FILE, VQ_FILE
 
 
 def export(ckpt: str | Path, out: str | Path) -> Path:
+    if Path(ckpt).is_file():
+        raise ValueError(f"{ckpt} is a file, not a checkpoint folder: a released reference checkpoint converts "
+                         f"with `python -m pgm_dist.convert reference {ckpt} --out {out}`")
     loaded = load_model(ckpt)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
-    save_file(state, str(out / EXPORT_WEIGHTS))
     data = training_data_folder(loaded.info)
     if data is not None and data.is_dir():
         data = data.resolve()  # so that `evaluate --model EXPORT` finds it from any folder
@@ -36,12 +28,11 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
         vq = image_decoder_path(loaded)
         if vq is not None:
             shutil.copyfile(vq, out / VQ_FILE)
-    write_json_atomic(out / EXPORT_CONFIG, {
+    return save_export(out, loaded.model.state_dict(), {
         "model_config": loaded.config.to_dict(), "tokenizer_sha256": loaded.info["tokenizer_sha256"],
         "step": loaded.info.get("step"), "data_meta": loaded.info.get("data_meta"),
         "data": str(data) if data is not None else None,
         "exported_from": str(loaded.source)})
-    return out
 
 
 def main(argv=None) -> int:

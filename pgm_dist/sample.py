@@ -21,7 +21,11 @@ from pgm_dist.sampling import generate
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pgm_dist.sample", description=__doc__,
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--model", required=True, help="an export, a checkpoint, or a run folder")
+    parser.add_argument("--model", required=True,
+                        help="an export, a checkpoint, a run folder, or a released reference .ckpt file")
+    parser.add_argument("--tokenizer", default=None, metavar="NAME_OR_PATH",
+                        help="a released .ckpt file's tokenizer (default: gpt2; Hugging Face name, folder or "
+                             "tokenizer.json)")
     parser.add_argument("--num", type=int, default=4, help="texts to sample (images: pictures per class)")
     parser.add_argument("--steps", type=int, default=64, help="sampling steps")
     parser.add_argument("--prompt", default=None, help="text the samples start with (PGM only)")
@@ -68,7 +72,7 @@ def main(argv=None) -> int:
 
 
 def sample(args: argparse.Namespace) -> None:
-    loaded = load_model(args.model, args.device)
+    loaded = load_model(args.model, args.device, tokenizer=args.tokenizer)
     if loaded.config.image_grid is not None:
         print(sample_images(loaded, args))
         return

@@ -1,23 +1,29 @@
-"""Loading a trained model without DeepSpeed: from an export, a checkpoint, or a run folder."""
+"""Loading a trained model without DeepSpeed: from an export, a checkpoint, a run folder, or one of
+the authors' released checkpoint files (converted in memory: pgm_dist/checkpoints/reference.py)."""
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pgm_dist.checkpoints.format import EMA_FILE, MARKER, complete_checkpoints, read_state
+from pgm_dist.checkpoints.reference import RELEASE_LENGTH, is_reference_checkpoint, load_reference
+from pgm_dist.common.files import write_json_atomic
 from pgm_dist.data.default import DEFAULT_DATA
 from pgm_dist.data.shards import TOKENIZER_FILE, VQ_FILE
-from pgm_dist.data.tokenizer import Tokenizer
+from pgm_dist.data.tokenizer import Tokenizer, tokenizer_file
 from pgm_dist.models import build_model
 from pgm_dist.models.config import ModelConfig
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
+# the tokenizer of the released text models (GPT-2's, MASK id 50,257 after it)
+REFERENCE_TOKENIZER = "gpt2"
 
 
 @dataclass
@@ -60,7 +66,39 @@ def read_info(source: Path) -> dict:
     return json.loads((source / EXPORT_CONFIG).read_text()) if is_export(source) else read_state(source)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", attention: str | None = None) -> LoadedModel:
+def reference_tokenizer(spec: str | Path | None, config: ModelConfig, source: str) -> Tokenizer:
+    """The tokenizer ``spec`` names (default GPT-2's), checked against a converted model's vocabulary."""
+    with tempfile.TemporaryDirectory() as tmp:  # the Tokenizer keeps what it read, not the file
+        tokenizer = tokenizer_file(spec or REFERENCE_TOKENIZER, Path(tmp) / TOKENIZER_FILE)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(f"the tokenizer {spec or REFERENCE_TOKENIZER} has {tokenizer.vocab_size} ids, the model "
+                         f"{source} reads {config.vocab_size} (+ MASK): pass the tokenizer it was trained with "
+                         "(--tokenizer)")
+    return tokenizer
+
+
+def load_reference_model(path: str | Path, device: str | torch.device = "cpu", attention: str | None = None,
+                         tokenizer: str | Path | None = None, weights: str = "ema",
+                         seq_len: int = RELEASE_LENGTH) -> LoadedModel:
+    """A released checkpoint file, converted in memory; its tokenizer ``tokenizer`` (default GPT-2's)."""
+    config, state, reference = load_reference(path, weights, seq_len)
+    if attention is not None:
+        config.attention = attention
+    model = build_model(config)
+    model.load_state_dict(state)
+    codec = reference_tokenizer(tokenizer, config, str(path))
+    config.bos_id, config.eos_id = codec.bos_id, codec.eos_id
+    info = {"model_config": config.to_dict(), "tokenizer_sha256": codec.sha256, "step": reference["global_step"],
+            "reference": reference}
+    return LoadedModel(model.to(device).eval(), config, codec, Path(path), info)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", attention: str | None = None,
+               tokenizer: str | Path | None = None) -> LoadedModel:
+    """An export, a checkpoint, a run folder, or a released reference file (its EMA weights, with
+    ``tokenizer``: a Hugging Face name or file, default GPT-2's). Eval mode, on ``device``."""
+    if is_reference_checkpoint(path):
+        return load_reference_model(path, device, attention, tokenizer)
     source = resolve_model_dir(path)
     info = read_info(source)
     weights = load_file(str(source / (EXPORT_WEIGHTS if is_export(source) else EMA_FILE)))
@@ -75,6 +113,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", attention: 
         if tokenizer.sha256 != info["tokenizer_sha256"]:
             raise ValueError(f"{source / TOKENIZER_FILE} is not the tokenizer this model was trained with")
     return LoadedModel(model.to(device).eval(), config, tokenizer, source, info)
+
+
+def save_export(out: Path, state: dict[str, torch.Tensor], info: dict) -> Path:
+    """An export folder's weights and ``config.json`` (its tokenizer or VQ file is the caller's)."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / EXPORT_WEIGHTS))
+    write_json_atomic(out / EXPORT_CONFIG, info)
+    return out
 
 
 def image_decoder_path(loaded: LoadedModel) -> Path | None:

@@ -71,7 +71,7 @@ class HFCodec:
         from tokenizers import Tokenizer as BackendTokenizer
 
         self.backend = BackendTokenizer.from_str(json.dumps(values["tokenizer"]))
-        self.name, self.bos_id, self.eos_id = values.get("name"), values["bos"], values["eos"]
+        self.bos_id, self.eos_id = values["bos"], values["eos"]
         self.pad_id = self.eos_id
         self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
 
@@ -132,12 +132,31 @@ def write_hf_tokenizer(path: Path, name_or_path: str) -> "Tokenizer":
     if bos is None or eos is None:
         raise ValueError(f"the tokenizer {name_or_path!r} names no BOS/CLS or EOS/SEP token: the data builder "
                          "needs both to wrap the blocks")
-    values = {"codec": "hf", "name": str(name_or_path), "bos": int(bos), "eos": int(eos),
-              "tokenizer": json.loads(text)}
+    # no name or path in the file: the same tokenizer resolved from a name, a folder or a file is the
+    # same file (sha256), so that a checkpoint converted with --tokenizer gpt2 matches data built so
+    # nor what encode(add_special_tokens=False) never uses: the template adding specials, padding,
+    # truncation (transformers sets a template on loading; the bare tokenizer.json has none)
+    backend = {**json.loads(text), "post_processor": None, "padding": None, "truncation": None}
+    values = {"codec": "hf", "bos": int(bos), "eos": int(eos), "tokenizer": backend}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(values))
     os.replace(tmp, path)
     return Tokenizer(path)
+
+
+def tokenizer_file(spec: str | os.PathLike, path: Path) -> "Tokenizer":
+    """Write to ``path`` the tokenizer ``spec`` names: a tokenizer file this project wrote (a data
+    folder's ``tokenizer.model``: sentencepiece, Hugging Face or ids), copied; else a Hugging Face
+    tokenizer (a name, a folder or a ``tokenizer.json``: :func:`write_hf_tokenizer`)."""
+    source = Path(spec)
+    if source.is_file():
+        head = source.read_bytes()[:64]
+        if head.startswith((HF_CODEC_MAGIC, ID_CODEC_MAGIC)) or not head.lstrip().startswith(b"{"):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(source.read_bytes())
+            os.replace(tmp, path)
+            return Tokenizer(path)
+    return write_hf_tokenizer(path, str(spec))
 
 
 class Tokenizer:

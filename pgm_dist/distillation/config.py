@@ -30,11 +30,13 @@ class DistillConfig(TrainConfig):
                              "rounds x round steps); a run stopped early resumes with a larger value or 0")
     lr: float = _opt(3e-4, "peak learning rate (the papers: 3e-4)")
     warmup_steps: int = _opt(10, "linear warm-up steps (the papers: 2500)")
-    teacher: str | None = _opt(None, "the model to distil: a checkpoint, a run folder (its latest checkpoint) or "
-                                     "an export (default: the latest checkpoint of runs/default)")
+    teacher: str | None = _opt(None, "the model to distil: a checkpoint, a run folder (its latest checkpoint), "
+                                     "an export, or a released reference .ckpt file (default: the latest "
+                                     "checkpoint of runs/default)")
     init_from: str = _opt("auto", "the teacher's weights the student (and first teacher) start from: raw (fp32 "
                                   "master weights of a checkpoint, as the reference), ema, or auto (raw for a "
-                                  "checkpoint, ema for an export, which holds only those)", choices=INIT_SOURCES)
+                                  "checkpoint or a released file, ema for an export, which holds only those)",
+                          choices=INIT_SOURCES)
     start_steps: int = _opt(_SDTT.start_steps, "K0: the first teacher's sampling steps; dt starts at 1/K0 "
                                                "(the papers: 1024)")
     teacher_steps: int = _opt(_SDTT.teacher_steps, "m: teacher steps matched by one student step; K0 must be m "

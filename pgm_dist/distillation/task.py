@@ -23,6 +23,7 @@ from pgm_dist.checkpoints.load import training_data_folder
 from pgm_dist.common.distributed import DistEnv
 from pgm_dist.common.errors import ConfigError
 from pgm_dist.common.seeding import sample_seed
+from pgm_dist.data.shards import DataFolder
 from pgm_dist.data.synthetic import SOURCE_FILE, MarkovSource
 from pgm_dist.distillation.config import DistillConfig
 from pgm_dist.distillation.objective import SDTTObjective
@@ -139,6 +140,13 @@ def prepare_distillation(cfg: DistillConfig, env: DistEnv, device: torch.device)
         if trained_on is not None and trained_on.is_dir():
             cfg = dataclasses.replace(cfg, data=str(trained_on))
     model_config = ModelConfig.from_dict(teacher.info["model_config"])
+    if teacher.is_reference:  # it reads any length (rotary) and takes the data's tokenizer and its BOS/EOS
+        if cfg.data is None:
+            raise ConfigError(f"the released teacher {teacher.source} needs --data: a folder built with its "
+                              "tokenizer (python -m pgm_dist.data build --hf-tokenizer gpt2 ...)")
+        data = DataFolder.open(cfg.data)
+        model_config.seq_len = data.meta.seq_len
+        model_config.bos_id, model_config.eos_id = data.meta.special_ids["bos"], data.meta.special_ids["eos"]
     if model_config.image_grid is not None:
         raise ConfigError(f"the teacher {teacher.source} is an image PGM: SDTT distillation here is for text PGMs")
     model_config.attention = cfg.attention
@@ -148,7 +156,7 @@ def prepare_distillation(cfg: DistillConfig, env: DistEnv, device: torch.device)
         model_config.dropout = cfg.dropout
     setup = prepare(cfg, env, device, model_config)
     meta = setup.folder.meta
-    if teacher.info["tokenizer_sha256"] != setup.tokenizer.sha256:
+    if not teacher.is_reference and teacher.info["tokenizer_sha256"] != setup.tokenizer.sha256:
         raise ConfigError(f"the teacher {teacher.source} was trained with another tokenizer than the data "
                           f"{setup.folder.path} holds; pass --data with the teacher's data folder")
     if (model_config.seq_len, model_config.vocab_size) != (meta.seq_len, meta.vocab_size):

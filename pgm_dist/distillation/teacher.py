@@ -9,22 +9,40 @@ from safetensors.torch import load_file
 
 from pgm_dist.checkpoints.format import EMA_FILE
 from pgm_dist.checkpoints.load import EXPORT_WEIGHTS, is_export, read_info, resolve_model_dir
+from pgm_dist.checkpoints.reference import (
+    backbone_state,
+    convert_state,
+    is_reference_checkpoint,
+    read_reference,
+    reference_config,
+)
 from pgm_dist.common.errors import ConfigError
 from pgm_dist.distillation.config import DEFAULT_TEACHER
 
 
 @dataclass
 class Teacher:
-    source: Path  # the export or checkpoint folder
-    info: dict  # its config.json (export) or pgm_state.json (checkpoint)
+    source: Path  # the export or checkpoint folder, or a released reference file
+    info: dict  # its config.json (export) or pgm_state.json (checkpoint); a reference file's model config
 
     @property
     def is_export(self) -> bool:
         return is_export(self.source)
 
+    @property
+    def is_reference(self) -> bool:
+        return is_reference_checkpoint(self.source)
+
 
 def find_teacher(path: str | None) -> Teacher:
-    """The checkpoint or export ``--teacher`` names, or the default run's latest checkpoint."""
+    """The checkpoint, export or released file ``--teacher`` names, or the default run's latest
+    checkpoint. A released file's tokenizer is the data's (checked by its vocabulary)."""
+    if path is not None and is_reference_checkpoint(path):
+        try:
+            config = reference_config(backbone_state(read_reference(path), "raw", path))
+        except ValueError as err:
+            raise ConfigError(f"--teacher: {err}") from None
+        return Teacher(Path(path), {"model_config": config.to_dict(), "tokenizer_sha256": None})
     try:
         source = resolve_model_dir(path or DEFAULT_TEACHER)
     except FileNotFoundError as err:
@@ -41,6 +59,9 @@ def initial_weights(teacher: Teacher, init_from: str) -> dict[str, torch.Tensor]
     from the ZeRO shards, exact also for a bf16 run), ``ema`` = its EMA (an export's weights)."""
     if init_from == "auto":
         init_from = "ema" if teacher.is_export else "raw"
+    if teacher.is_reference:
+        state = backbone_state(read_reference(teacher.source), init_from, str(teacher.source))
+        return convert_state(state, reference_config(state))
     if teacher.is_export:
         if init_from == "raw":
             raise ConfigError(f"--init-from raw: {teacher.source} is an export, which holds only the EMA weights; "

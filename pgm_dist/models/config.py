@@ -41,6 +41,9 @@ class ModelConfig:
     registers: bool = False
     cond_silu: bool = True
     image_grid: list | None = None
+    # The GroupSwap's query, key/value and output projections with biases, as the reference's (models
+    # converted from its checkpoints, pgm_dist.checkpoints.reference); ours train without.
+    swap_bias: bool = False
     attention: str = "auto"
     # Runtime options (how, not what, is computed; a checkpoint resumes under other values):
     loss_chunk: int = 1024  # tokens per chunk of the output projection + cross-entropy (0: all at once)

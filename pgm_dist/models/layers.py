@@ -76,14 +76,14 @@ def adaln_modulation(config: ModelConfig, out_dim: int) -> nn.Sequential:
 class MultiHeadAttention(nn.Module):
     """Attention from a query stream to a key/value stream (the same one for self-attention)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, bias: bool = False):
         super().__init__()
         d = config.d_model
         self.n_heads = config.n_heads
         self.backend = config.attention
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.kv_proj = nn.Linear(d, 2 * d, bias=False)
-        self.out_proj = nn.Linear(d, d, bias=False)
+        self.q_proj = nn.Linear(d, d, bias=bias)
+        self.kv_proj = nn.Linear(d, 2 * d, bias=bias)
+        self.out_proj = nn.Linear(d, d, bias=bias)
 
     def _heads(self, x: Tensor) -> Tensor:  # [B, L, d] -> [B, H, L, D]
         return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)

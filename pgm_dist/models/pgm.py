@@ -38,7 +38,7 @@ class GroupSwap(nn.Module):
         # query would start as the position alone.
         self.query_seed = nn.Parameter(torch.randn(config.d_model))
         self.norm = nn.LayerNorm(config.d_model)
-        self.attn = MultiHeadAttention(config)
+        self.attn = MultiHeadAttention(config, bias=config.swap_bias)
 
     def forward(self, query_positions: Tensor, memory: Tensor, q_rope: Rope, k_rope: Rope,
                 mask: AttentionMask) -> Tensor:

@@ -41,7 +41,8 @@ def check_resume(checkpoint: Path, model_config: ModelConfig, folder: DataFolder
         what = f"the tokenizer of the data ({tokenizer.path})" if tokenizer else f"the image codes of {folder.path}"
         raise ConfigError(f"{what} does not match the one checkpoint {checkpoint} was trained with; "
                           "use the same data folder or --resume never")
-    old, new = dict(saved["model_config"]), model_config.to_dict()
+    # through ModelConfig: a field added since the checkpoint was written takes its default
+    old, new = ModelConfig.from_dict(saved["model_config"]).to_dict(), model_config.to_dict()
     for volatile in VOLATILE_MODEL_FIELDS:
         old.pop(volatile, None), new.pop(volatile, None)
     if old != new:

@@ -22,6 +22,7 @@ TIERS = {
 }
 COMMAND_TIER = 7
 COMMANDS = {"pgm_dist.train", "pgm_dist.distill", "pgm_dist.sample", "pgm_dist.evaluate", "pgm_dist.export",
+            "pgm_dist.convert",
             "pgm_dist.memory", "pgm_dist.data.__main__",
             "pgm_dist.slurm_job"}  # the in-job task's old path, an alias kept for one release
 

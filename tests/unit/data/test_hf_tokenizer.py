@@ -37,6 +37,7 @@ def test_a_tokenizer_json_and_a_tokenizer_folder_give_the_same_codec(bpe, tmp_pa
             assert ids == backend.encode(text).ids and end not in ids
             assert tok.decode(ids) == text  # byte-level: every text round-trips
             assert tok.decode([end, *ids, end, end]) == text  # BOS / EOS / PAD dropped
+    assert from_file.sha256 == from_folder.sha256  # one file for one tokenizer, however it was named
     assert from_file.encode_batch(texts[:3]) == [from_file.encode(t) for t in texts[:3]]
     assert Tokenizer(tmp_path / "a.model").sha256 == from_file.sha256
 

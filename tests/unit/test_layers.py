@@ -13,7 +13,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "pgm_dist"
 # Tier of each top-level part of the package (a folder, or a file directly in pgm_dist/).
 TIERS = {
     "common": 0,
-    "attention": 1, "models": 1, "data": 1, "pgm_dist": 1,  # pgm_dist: the package root, its public API
+    "attention": 1, "models": 1, "data": 1,
+    # the package root, its public API (load_model reads checkpoints: tier 3, imported on first use)
+    "pgm_dist": 3,
     "objectives": 2, "sampling": 2, "evaluation": 2,
     "images": 3, "checkpoints": 3,
     "training": 4,

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pgm_dist
 from pgm_dist.checkpoints.load import load_model
 from pgm_dist.checkpoints.reference import backbone_state, load_reference, read_reference
 from pgm_dist.convert import main as convert_main
@@ -205,7 +206,7 @@ def test_convert_writes_an_export_equal_to_the_file_loaded_in_memory(released_wi
     ckpt, file, folder, _ = released_with_tokenizer
     out = tmp_path / "export"
     assert convert_main(["reference", str(ckpt), "--out", str(out), "--tokenizer", str(file)]) == 0
-    exported, in_memory = load_model(out), load_model(ckpt, tokenizer=str(folder))
+    exported, in_memory = load_model(out), pgm_dist.load_model(ckpt, tokenizer=str(folder))
     assert exported.config == in_memory.config and exported.config.swap_bias and exported.config.seq_len == 1024
     assert exported.tokenizer.sha256 == in_memory.tokenizer.sha256  # a name, a folder or a file: one tokenizer
     assert exported.config.bos_id == exported.tokenizer.bos_id == exported.tokenizer.eos_id

@@ -17,6 +17,7 @@ from pgm_dist.common.files import write_json_atomic
 from pgm_dist.data.default import DEFAULT_DATA
 from pgm_dist.data.shards import TOKENIZER_FILE, VQ_FILE
 from pgm_dist.data.tokenizer import Tokenizer, tokenizer_file
+from pgm_dist.images.vq import VQ8
 from pgm_dist.models import build_model
 from pgm_dist.models.config import ModelConfig
 
@@ -24,6 +25,7 @@ EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
 # the tokenizer of the released text models (GPT-2's, MASK id 50,257 after it)
 REFERENCE_TOKENIZER = "gpt2"
+REFERENCE_VQ = VQ8  # the released image models' codes: LlamaGen's VQ-8 (vq_ds8_c2i.pt)
 
 
 @dataclass
@@ -78,18 +80,25 @@ def reference_tokenizer(spec: str | Path | None, config: ModelConfig, source: st
 
 
 def load_reference_model(path: str | Path, device: str | torch.device = "cpu", attention: str | None = None,
-                         tokenizer: str | Path | None = None, weights: str = "ema",
+                         tokenizer: str | Path | None = None, weights: str = "auto",
                          seq_len: int = RELEASE_LENGTH) -> LoadedModel:
-    """A released checkpoint file, converted in memory; its tokenizer ``tokenizer`` (default GPT-2's)."""
+    """A released checkpoint file, converted in memory; a text model's tokenizer is ``tokenizer``
+    (default GPT-2's), an image model's codes are LlamaGen VQ-8's (its decoder: ``convert --vq``)."""
     config, state, reference = load_reference(path, weights, seq_len)
     if attention is not None:
         config.attention = attention
     model = build_model(config)
     model.load_state_dict(state)
-    codec = reference_tokenizer(tokenizer, config, str(path))
-    config.bos_id, config.eos_id = codec.bos_id, codec.eos_id
-    info = {"model_config": config.to_dict(), "tokenizer_sha256": codec.sha256, "step": reference["global_step"],
-            "reference": reference}
+    info = {"model_config": config.to_dict(), "step": reference["global_step"], "reference": reference}
+    codec = None
+    if config.image_grid is None:
+        codec = reference_tokenizer(tokenizer, config, str(path))
+        config.bos_id, config.eos_id = codec.bos_id, codec.eos_id
+        info.update(model_config=config.to_dict(), tokenizer_sha256=codec.sha256)
+    else:
+        info.update(tokenizer_sha256=None, data_meta={"image": {
+            "grid": config.image_grid, "codebook_size": config.vocab_size - 1, "num_classes": config.num_classes,
+            "class_names": None, "source": "vq", "vq": REFERENCE_VQ.to_dict()}})
     return LoadedModel(model.to(device).eval(), config, codec, Path(path), info)
 
 

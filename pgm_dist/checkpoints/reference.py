@@ -42,6 +42,7 @@ from pgm_dist.models.config import ModelConfig
 
 ROTARY_BUFFER = "rotary_emb.inv_freq"
 RELEASE_LENGTH = 1024  # the sequence length of every released text model
+IMAGE_GRID = (32, 32)  # the released image models' code grid: 256 px through LlamaGen's VQ-8
 _SAFE_BUILTINS = {"set", "frozenset", "list", "dict", "tuple", "int", "float", "complex", "str", "bytes",
                   "bytearray", "bool", "slice", "range"}
 
@@ -104,10 +105,15 @@ def read_reference(path: str | Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PickleModule)
     except Exception as err:  # a truncated download or another format: say which file and why
         raise ValueError(f"{path}: not a readable reference checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict) or not ({"state_dict", "model_state_dict"} & set(ckpt)):
         keys = ", ".join(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: not a reference text checkpoint (no 'state_dict'; it holds {keys})")
+        raise ValueError(f"{path}: not a reference checkpoint (no 'state_dict' (text) or 'model_state_dict' "
+                         f"(images); it holds {keys})")
     return ckpt
+
+
+def is_image_release(ckpt: dict) -> bool:
+    return "model_state_dict" in ckpt and "state_dict" not in ckpt
 
 
 def backbone_state(ckpt: dict, weights: str = "ema", source: str = "the checkpoint") -> dict[str, Tensor]:
@@ -115,6 +121,11 @@ def backbone_state(ckpt: dict, weights: str = "ema", source: str = "the checkpoi
     removed): ``raw`` = ``state_dict``; ``ema`` = its ``shadow_params`` named in parameter order."""
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    if is_image_release(ckpt):  # the image trainer saves its network's weights only (no EMA)
+        if weights == "ema":
+            raise ValueError(f"{source} is an image checkpoint, which holds only its raw weights (no EMA): "
+                             "convert with --weights raw")
+        return {re.sub(r"^_orig_mod\.", "", key): tensor for key, tensor in ckpt["model_state_dict"].items()}
     state = {}
     for key, tensor in ckpt["state_dict"].items():
         if key.startswith("backbone."):
@@ -144,18 +155,34 @@ def _count(state: dict, prefix: str) -> int:
     return len(found)
 
 
-def reference_config(state: dict[str, Tensor], seq_len: int = RELEASE_LENGTH) -> ModelConfig:
+def reference_config(state: dict[str, Tensor], seq_len: int = RELEASE_LENGTH,
+                     image_grid: tuple[int, int] = IMAGE_GRID) -> ModelConfig:
     """The architecture the tensors' shapes give (head dim from the rotary buffer, else 64 as in
-    every released model); MDLM when there are ``blocks.``, PGM with ``encoder.blocks.``."""
+    every released model); MDLM when there are ``blocks.``, PGM with ``encoder.blocks.``, the image
+    PGM with ``reg_tokens`` (its code grid is not in the weights: ``image_grid``, the paper's 32 x 32)."""
     try:
         rows, d = state["vocab_embed.embedding"].shape
-        cond_dim = state["sigma_map.mlp.2.weight"].shape[0]
+        cond_dim = (state["cls_embed.embedding_table.weight"].shape[1] if "reg_tokens.weight" in state
+                    else state["sigma_map.mlp.2.weight"].shape[0])
     except KeyError as err:
-        raise ValueError(f"not a reference text model: no {err.args[0]} tensor") from None
+        raise ValueError(f"not a reference PGM or MDLM: no {err.args[0]} tensor") from None
     head_dim = 2 * state[ROTARY_BUFFER].numel() if ROTARY_BUFFER in state else 64
     if d % head_dim:
         raise ValueError(f"width {d} is not a multiple of the head dim {head_dim}")
     common = dict(vocab_size=rows - 1, seq_len=seq_len, d_model=d, n_heads=d // head_dim, cond_dim=cond_dim)
+    if "reg_tokens.weight" in state:  # the class-conditional image PGM: ids are codes, MASK, BOS
+        if "encoder.blocks.0.attn_qkv.weight" not in state:
+            raise ValueError("an image model without encoder.blocks.*: only the image PGMs convert (the MaskGIT "
+                             "baseline's network, RMSNorm / QK-norm / SwiGLU / learned positions, is not ours)")
+        h, w = image_grid
+        codebook = rows - 2
+        mlp = state["encoder.blocks.0.mlp.0.weight"].shape[0] // d
+        return ModelConfig(
+            arch="pgm", vocab_size=codebook + 1, seq_len=1 + h * w, d_model=d, n_heads=d // head_dim,
+            n_enc=_count(state, "encoder.blocks."), n_dec=_count(state, "decoder.layers."), mlp_ratio=mlp,
+            cond_dim=cond_dim, num_classes=state["cls_embed.embedding_table.weight"].shape[0] - 1, registers=True,
+            cond_silu=False, image_grid=[h, w], swap_bias=True, register_order="reference", bos_id=codebook,
+            eos_id=codebook)
     if "encoder.blocks.0.attn_qkv.weight" in state:
         n_enc, n_dec = _count(state, "encoder.blocks."), _count(state, "decoder.layers.")
         mlp = state["encoder.blocks.0.mlp.0.weight"].shape[0] // d
@@ -211,12 +238,12 @@ def _cross_block(state, ref: str, ours: str, d: int) -> dict[str, Tensor]:
             f"{ours}.modulation.1.weight": w, f"{ours}.modulation.1.bias": b}
 
 
-def _output(state, vocab: int, d: int) -> dict[str, Tensor]:
+def _output(state, keep: Tensor, d: int) -> dict[str, Tensor]:
     w, b = _fold_norms(state["output_layer.adaLN_modulation.weight"], state["output_layer.adaLN_modulation.bias"],
                        {1: state["output_layer.norm_final.weight"]}, d)
     return {"output.modulation.1.weight": w, "output.modulation.1.bias": b,
-            "output.proj.weight": state["output_layer.linear.weight"][:vocab],
-            "output.proj.bias": state["output_layer.linear.bias"][:vocab]}
+            "output.proj.weight": state["output_layer.linear.weight"][keep],
+            "output.proj.bias": state["output_layer.linear.bias"][keep]}
 
 
 def convert_state(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
@@ -225,14 +252,22 @@ def convert_state(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Te
     d, vocab = config.d_model, config.vocab_size
     used = {ROTARY_BUFFER}
     tracked = _Tracking(state, used)
-    out = {"cond.constant": time_constant(tracked)}
     embedding = tracked["vocab_embed.embedding"]
+    if config.image_grid is not None:
+        # ids: the codes, MASK (never an input, its logit -1e6 in the reference), BOS last; ours: codes, BOS
+        keep = torch.cat([torch.arange(vocab - 1), torch.tensor([vocab])])
+        out = {"cond.classes.weight": tracked["cls_embed.embedding_table.weight"],  # null label last in both
+               # ours: group 0's register, then group 1's; the reference's rows: group 1's, then group 0's
+               "registers.tokens": tracked["reg_tokens.weight"][[1, 0]]}
+    else:
+        keep = torch.arange(vocab)  # MASK, the last id, dropped
+        out = {"cond.constant": time_constant(tracked)}
     if config.arch == "mdlm":
         out["embed.weight"] = embedding
         for i in range(config.n_enc):
             out.update(_self_block(tracked, f"blocks.{i}", f"blocks.{i}", d))
     else:
-        out["embed.weight"] = embedding[:vocab]
+        out["embed.weight"] = embedding[keep]
         for i in range(config.n_enc):
             out.update(_self_block(tracked, f"encoder.blocks.{i}", f"encoder.{i}", d))
         for j in range(config.n_dec):
@@ -251,7 +286,7 @@ def convert_state(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Te
             "group_swap.attn.out_proj.weight": tracked[f"{swap}.output_linear.weight"],
             "group_swap.attn.out_proj.bias": tracked[f"{swap}.output_linear.bias"],
         })
-    out.update(_output(tracked, vocab, d))
+    out.update(_output(tracked, keep, d))
     unused = sorted(set(state) - used)
     if unused:
         raise ValueError(f"reference tensors this converter does not map: {', '.join(unused[:8])}"
@@ -283,15 +318,18 @@ def check_rotary(state: dict[str, Tensor], config: ModelConfig) -> None:
                          f"{config.rope_base:g} over the full head dim {config.head_dim}")
 
 
-def load_reference(path: str | Path, weights: str = "ema", seq_len: int = RELEASE_LENGTH
-                   ) -> tuple[ModelConfig, dict[str, Tensor], dict]:
-    """(our config, our state dict, what the file says of itself) for a released text checkpoint."""
+def load_reference(path: str | Path, weights: str = "auto", seq_len: int = RELEASE_LENGTH,
+                   image_grid: tuple[int, int] = IMAGE_GRID) -> tuple[ModelConfig, dict[str, Tensor], dict]:
+    """(our config, our state dict, what the file says of itself) for a released checkpoint;
+    ``weights`` "auto": the EMA of a text file, the raw weights of an image file (all it holds)."""
     ckpt = read_reference(path)
+    if weights == "auto":
+        weights = "raw" if is_image_release(ckpt) else "ema"
     state = backbone_state(ckpt, weights, str(path))
-    config = reference_config(state, seq_len)
+    config = reference_config(state, seq_len, image_grid)
     check_rotary(state, config)
     ema = ckpt.get("ema") if isinstance(ckpt.get("ema"), dict) else {}
-    info = {"reference": str(path), "weights": weights, "global_step": ckpt.get("global_step"),
+    info = {"reference": str(path), "weights": weights, "global_step": ckpt.get("global_step", ckpt.get("iter")),
             "ema_decay": ema.get("decay"), "ema_updates": ema.get("num_updates"),
             "parameters": sum(math.prod(t.shape) for k, t in state.items() if k != ROTARY_BUFFER)}
     return config, convert_state(state, config), info

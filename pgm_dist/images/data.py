@@ -107,7 +107,10 @@ def list_image_folder(root: Path) -> ImageFolderListing:
 
 
 def load_picture(path: Path, size: int) -> torch.Tensor:
-    """A picture as ``float32 [3, size, size]`` in [-1, 1]: the central square, resized (bicubic)."""
+    """A picture as ``float32 [3, size, size]`` in [-1, 1], prepared as the reference's ImageNet
+    pipeline (torchvision ``Resize(size)`` then ``CenterCrop(size)``): the short side resized to
+    ``size`` (bilinear, antialiased as PIL does), the long side to ``int(size * long / short)``, then
+    the central square, its offset rounded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -116,11 +119,20 @@ def load_picture(path: Path, size: int) -> torch.Tensor:
     except (UnidentifiedImageError, OSError) as err:
         raise DataError(f"{path} is not a readable picture ({err})") from None
     w, h = image.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size))
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))
     return pixels.permute(2, 0, 1) / 127.5 - 1.0
+
+
+# The pictures' preparation, part of the folder's identity: a folder built by another is rebuilt.
+PREPROCESSING = "resize-short-bilinear+center-crop"
 
 
 @dataclass(frozen=True)
@@ -180,7 +192,7 @@ def vq_source(input_dir: Path, vq_path: Path, vq_config: "VQConfig | None", imag
         "vq", len(listing.files), listing.labels, listing.class_names, (image_size // f, image_size // f), codebook,
         samples, [{"path": str(input_dir), "files": len(listing.files), "sha256": files_fingerprint(listing.files)},
                   {"path": str(vq_path), "files": 1, "sha256": weights}],
-        identity=[files_fingerprint(listing.files), weights, image_size], vq_model=model)
+        identity=[files_fingerprint(listing.files), weights, image_size, PREPROCESSING], vq_model=model)
 
 
 def write_split(out: Path, split: str, samples: Iterable[Sample], per_shard: int, keep_partial: bool,
@@ -251,7 +263,8 @@ def build_vq(out: Path, input_dir: Path, vq_path: Path, vq_config: "VQConfig | N
 
 
 def vq_config(text: str | None) -> "VQConfig | None":
-    """``--vq-config``: a JSON object of VQ config fields (or a .json file of one) over the VQ-16 defaults."""
+    """``--vq-config``: a JSON object of VQ config fields (or a .json file of one) over the VQ-16 defaults,
+    instead of the config the checkpoint's shapes give (None)."""
 
     if text is None:
         return None

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,10 @@ class VQConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "VQConfig":
         return config_from_dict(cls, values, "VQ config")
+
+
+# LlamaGen's VQ-8 (``vq_ds8_c2i.pt``): 256 px -> 32 x 32 codes of 16,384, the paper's image tokenizer.
+VQ8 = VQConfig(encoder_ch_mult=(1, 2, 2, 4), decoder_ch_mult=(1, 2, 2, 4))
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
@@ -287,9 +292,32 @@ def _checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
     return checkpoint
 
 
+def infer_vq_config(state: dict[str, torch.Tensor], norm_groups: int = 32) -> VQConfig:
+    """The VQ config a LlamaGen state dict's shapes give: codebook, base width, each level's width
+    (VQ-8: 4 levels (1, 2, 2, 4), VQ-16: 5 (1, 1, 2, 2, 4)), latent channels, resnet blocks per level.
+    GroupNorm's group count is not in the weights: LlamaGen's 32."""
+    def levels(prefix: str) -> list[int]:
+        pattern = re.compile(re.escape(prefix) + r"(\d+)\.res\.0\.conv1\.weight$")
+        found = {int(m[1]) for key in state if (m := pattern.match(key))}
+        return [state[f"{prefix}{i}.res.0.conv1.weight"].shape[0] for i in sorted(found)]
+    try:
+        codebook, dim = state["quantize.embedding.weight"].shape
+        ch = state["encoder.conv_in.weight"].shape[0]
+        z_channels = state["encoder.conv_out.weight"].shape[0]
+    except KeyError as err:
+        raise ValueError(f"not a LlamaGen VQ state dict: no {err.args[0]}") from None
+    encoder, decoder = levels("encoder.conv_blocks."), levels("decoder.conv_blocks.")
+    blocks = len({key.split(".")[4] for key in state if key.startswith("encoder.conv_blocks.0.res.")})
+    return VQConfig(codebook_size=codebook, codebook_embed_dim=dim, ch=ch,
+                    encoder_ch_mult=tuple(w // ch for w in encoder),
+                    decoder_ch_mult=tuple(w // ch for w in decoder[::-1]),
+                    z_channels=z_channels, num_res_blocks=blocks, norm_groups=norm_groups)
+
+
 def load_vq(path: str | os.PathLike, config: VQConfig | None = None) -> VQModel:
-    """A VQ model in eval mode from a LlamaGen torch checkpoint (read with ``weights_only``) or from
-    :func:`save_vq`'s safetensors (whose own config is used when ``config`` is None)."""
+    """A VQ model in eval mode from a LlamaGen torch checkpoint (read with ``weights_only``; its config
+    inferred from the shapes when ``config`` is None: VQ-8 and VQ-16 alike) or from :func:`save_vq`'s
+    safetensors (whose own config is used when ``config`` is None)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VQ checkpoint {path} does not exist")
@@ -303,7 +331,7 @@ def load_vq(path: str | os.PathLike, config: VQConfig | None = None) -> VQModel:
             config = VQConfig.from_dict(json.loads(saved))
     else:
         state = _checkpoint_state(path)
-    config = config or VQConfig()
+        config = config or infer_vq_config(state)
     state.pop(USAGE_BUFFER_KEY, None)
     book = state.get("quantize.embedding.weight")
     expected = (config.codebook_size, config.codebook_embed_dim)

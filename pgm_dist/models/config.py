@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 ARCHITECTURES = ("pgm", "mdlm")
 ATTENTION_BACKENDS = ("auto", "reference", "flex", "triton")
+REGISTER_ORDERS = ("reference", "legacy")
 
 
 def config_from_dict(cls, values: dict, what: str):
@@ -39,6 +40,10 @@ class ModelConfig:
     # the adaLN linears read the raw conditioning (no SiLU), as the reference's image model;
     # image_grid (h, w) of the 1 + h*w sequence, from the data.
     registers: bool = False
+    # Where the registers sit (positions 0 and 1): "reference" = group 1's at 0, group 0's at 1, as the
+    # reference's image model (so its released weights keep their function under RoPE); "legacy" = group
+    # 0's at 0, group 1's at 1, the order of image models written before this field (from_dict keeps it).
+    register_order: str = "reference"
     cond_silu: bool = True
     image_grid: list | None = None
     # The GroupSwap's query, key/value and output projections with biases, as the reference's (models
@@ -66,6 +71,8 @@ class ModelConfig:
             if len(self.image_grid) != 2 or self.seq_len != 1 + self.image_grid[0] * self.image_grid[1]:
                 raise ValueError(f"image_grid {self.image_grid} must be (h, w) with seq_len = 1 + h*w "
                                  f"(got seq_len {self.seq_len})")
+        if self.register_order not in REGISTER_ORDERS:
+            raise ValueError(f"unknown register_order {self.register_order!r}; valid: {', '.join(REGISTER_ORDERS)}")
         if self.loss_chunk < 0:
             raise ValueError(f"loss_chunk must be >= 0 tokens (0: unchunked), got {self.loss_chunk}")
         if self.d_model % self.n_heads:
@@ -102,6 +109,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
+        if values.get("registers") and "register_order" not in values:  # written before the field existed
+            values = {**values, "register_order": "legacy"}
         return config_from_dict(cls, values, "ModelConfig")
 
 
@@ -127,5 +136,8 @@ PRESETS: dict[str, dict] = {
                          registers=True, cond_silu=False),
     "pgm-img-b": dict(arch="pgm", n_enc=12, n_dec=12, d_model=1024, n_heads=16, cond_dim=1024,
                       registers=True, cond_silu=False),
+    # the reference's other ImageNet model (images_pgm_14_10_100epochs.ckpt): the same width, 14 + 10
+    "pgm-img-b-14-10": dict(arch="pgm", n_enc=14, n_dec=10, d_model=1024, n_heads=16, cond_dim=1024,
+                            registers=True, cond_silu=False),
 }
 IMAGE_PRESETS = tuple(name for name, values in PRESETS.items() if values.get("registers"))

@@ -83,14 +83,18 @@ class PGM(nn.Module):
         Returns float32 logits [B, L, V], or with ``targets`` their float32 NLL [B, L] (with
         ``weights`` [B, L] too, the scalar ``sum(weights * nll)``: ``layers.OutputLayer``):
         group-1 rows predicted from group 0 only and group-0 rows from group 1 only.
-        With registers, group 0's and group 1's register tokens take positions 0 and 1
-        (the tokens' shift by 2), each in its group; their own rows are not returned.
+        With registers, the two register tokens take positions 0 and 1 (the tokens' shift by 2), each
+        in its group (``config.register_order``: group 1's first, as the reference); their own rows
+        are not returned.
         """
         x = self.embed(tokens)
         if self.registers is not None:
-            x = torch.cat([self.registers(x.shape[0], x.dtype), x], dim=1)
-            groups = torch.cat([torch.tensor([False, True], device=groups.device).expand(groups.shape[0], 2),
-                                groups], dim=1)
+            registers = self.registers(x.shape[0], x.dtype)  # group 0's, group 1's
+            flags = torch.tensor([False, True], device=groups.device)
+            if self.config.register_order == "reference":
+                registers, flags = registers.flip(1), flags.flip(0)
+            x = torch.cat([registers, x], dim=1)
+            groups = torch.cat([flags.expand(groups.shape[0], 2), groups], dim=1)
         positions = positions_like(x)
         rope = self.rotary(positions)
         c = self.cond(labels)
@@ -110,7 +114,9 @@ class PGM(nn.Module):
         x = self.embed(clean_tokens)
         if self.registers is not None:
             x = torch.cat([self.registers(x.shape[0], x.dtype)[:, :1], x], dim=1)
-            clean_positions = torch.cat([torch.zeros_like(clean_positions[:, :1]), clean_positions + 2], dim=1)
+            register_position = 1 if self.config.register_order == "reference" else 0
+            clean_positions = torch.cat([torch.full_like(clean_positions[:, :1], register_position),
+                                         clean_positions + 2], dim=1)
             query_positions = query_positions + 2
             clean_lengths = None if clean_lengths is None else clean_lengths + 1
         mask = AttentionMask.full(clean_lengths)

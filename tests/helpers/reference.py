@@ -103,3 +103,20 @@ def save_release(path: Path, raw: OrderedDict, ema: OrderedDict | None) -> Path:
             else:
                 sys.modules[name] = module
     return path
+
+
+def reference_image_layout(codebook: int, d: int, heads: int, classes: int, n_enc: int = 2, n_dec: int = 2,
+                           mlp: int = 4) -> list[tuple[str, tuple]]:
+    """The image PGM's ``model_state_dict`` (the image branch's PartitionDIT with class embedding and two
+    register tokens): ids are the codes, MASK (``codebook``) and BOS (``codebook + 1``); the adaLN
+    linears read the class embedding (width d); ``classes + 1`` rows, the null label last."""
+    text = reference_layout("pgm", codebook + 2, d, heads, cond=d, mlp=mlp, n_enc=n_enc, n_dec=n_dec)
+    body = [(name, shape) for name, shape in text if not name.startswith("sigma_map.")]
+    return (body[:1] + [("cls_embed.embedding_table.weight", (classes + 1, d))] + body[1:]
+            + [("reg_tokens.weight", (2, d))])
+
+
+def save_image_release(path: Path, state: OrderedDict) -> Path:
+    """The image trainer's file: its network's state dict and the loop's counters."""
+    torch.save({"iter": 4321, "global_epoch": 100, "model_state_dict": state, "optimizer_state_dict": None}, path)
+    return path

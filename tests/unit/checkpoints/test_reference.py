@@ -13,20 +13,29 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import pgm_dist
-from pgm_dist.checkpoints.load import load_model
+from pgm_dist.checkpoints.load import REFERENCE_VQ, load_model
 from pgm_dist.checkpoints.reference import backbone_state, load_reference, read_reference
 from pgm_dist.convert import main as convert_main
 from pgm_dist.data.tokenizer import Tokenizer, write_hf_tokenizer
 from pgm_dist.export import main as export_main
+from pgm_dist.images.vq import VQConfig, VQModel
 from pgm_dist.models import build_model
 from pgm_dist.sample import main as sample_main
 from tests.helpers.hf import sample_texts, train_bpe
-from tests.helpers.reference import random_reference_state, reference_layout, save_release
+from tests.helpers.reference import (
+    random_reference_state,
+    reference_image_layout,
+    reference_layout,
+    save_image_release,
+    save_release,
+)
 
 V_REF = 41  # 40 tokens and MASK (id 40), as GPT-2's 50,257 and MASK 50,257
 L = 12
@@ -69,15 +78,20 @@ def _time_conditioning(sd):
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / half)
     t_freq = torch.cat([torch.cos(0 * freqs), torch.sin(0 * freqs)])  # sigma = 0, cos first
     hidden = F.silu(_linear(t_freq, sd, "sigma_map.mlp.0"))
-    return F.silu(_linear(hidden, sd, "sigma_map.mlp.2"))
+    return F.silu(_linear(hidden, sd, "sigma_map.mlp.2"))[None]
 
 
 def _mlp(x, sd, p):
     return _linear(F.gelu(_linear(x, sd, f"{p}.mlp.0"), approximate="tanh"), sd, f"{p}.mlp.2")
 
 
+def _mods(cond, sd, name, n):
+    """The adaLN linear on the conditioning [B or 1, c] -> n chunks [B or 1, 1, d]."""
+    return _linear(cond, sd, name)[:, None].chunk(n, -1)
+
+
 def _self_block(x, sd, p, cond, mask, pos, heads):
-    shift, scale, gate, shift_m, scale_m, gate_m = _linear(cond, sd, f"{p}.adaLN_modulation").chunk(6)
+    shift, scale, gate, shift_m, scale_m, gate_m = _mods(cond, sd, f"{p}.adaLN_modulation", 6)
     h = _ln(x, sd[f"{p}.norm1.weight"]) * (1 + scale) + shift
     q, k, v = (h @ sd[f"{p}.attn_qkv.weight"].double().T).chunk(3, -1)
     o = _attention(q, k, v, mask, heads, pos, pos, sd["rotary_emb.inv_freq"])
@@ -86,7 +100,7 @@ def _self_block(x, sd, p, cond, mask, pos, heads):
 
 
 def _cross_block(x, memory, sd, p, cond, mask, q_pos, k_pos, heads):
-    shift, scale, gate, shift_m, scale_m, gate_m = _linear(cond, sd, f"{p}.adaLN_modulation").chunk(6)
+    shift, scale, gate, shift_m, scale_m, gate_m = _mods(cond, sd, f"{p}.adaLN_modulation", 6)
     h = _ln(x, sd[f"{p}.q_norm1.weight"]) * (1 + scale) + shift
     m = _ln(memory, sd[f"{p}.kv_norm1.weight"])
     k, v = (m @ sd[f"{p}.attn_kv.weight"].double().T).chunk(2, -1)
@@ -96,17 +110,26 @@ def _cross_block(x, memory, sd, p, cond, mask, q_pos, k_pos, heads):
     return x + gate_m * _mlp(_ln(x, sd[f"{p}.norm2.weight"]) * (1 + scale_m) + shift_m, sd, p)
 
 
-def _output_logprobs(x, sd, cond, mask_fill):
-    shift, scale = _linear(cond, sd, "output_layer.adaLN_modulation").chunk(2)
+def _output_logprobs(x, sd, cond, mask_fill, mask_id=-1):
+    shift, scale = _mods(cond, sd, "output_layer.adaLN_modulation", 2)
     logits = _linear(_ln(x, sd["output_layer.norm_final.weight"]) * (1 + scale) + shift, sd, "output_layer.linear")
-    logits[..., -1] = mask_fill(logits[..., -1])  # the MASK id, last
+    logits[..., mask_id] = mask_fill(logits[..., mask_id])  # the MASK id (text: the last)
     return logits.log_softmax(-1)
 
 
-def reference_pgm(sd, heads, n_enc, n_dec, tokens, enc_pos, enc_mask, query_pos, cross_mask):
-    """PartitionDIT: encoder over ``tokens`` at ``enc_pos``, GroupSwap queries at ``query_pos``."""
-    cond, d = _time_conditioning(sd), sd["vocab_embed.embedding"].shape[1]
+def reference_pgm(sd, heads, n_enc, n_dec, tokens, enc_pos, enc_mask, query_pos, cross_mask, labels=None,
+                  prefix=None):
+    """PartitionDIT: encoder over ``tokens`` at ``enc_pos``, GroupSwap queries at ``query_pos``; the image
+    model: the class embedding of ``labels`` as the raw conditioning, ``prefix`` [B, P, d] (its register
+    tokens) before the embedded tokens, the MASK id next to last and its logit at -1e6."""
+    d = sd["vocab_embed.embedding"].shape[1]
     x = sd["vocab_embed.embedding"].double()[tokens]
+    if labels is None:
+        cond, mask_id, fill = _time_conditioning(sd), -1, lambda col: torch.full_like(col, float("-inf"))
+    else:
+        cond, mask_id, fill = sd["cls_embed.embedding_table.weight"].double()[labels], -2, lambda col: col * 0 - 1e6
+    if prefix is not None:
+        x = torch.cat([prefix.double(), x], 1)
     for i in range(n_enc):
         x = _self_block(x, sd, f"encoder.blocks.{i}", cond, enc_mask, enc_pos, heads)
     s = "decoder.group_swap"
@@ -119,7 +142,7 @@ def reference_pgm(sd, heads, n_enc, n_dec, tokens, enc_pos, enc_mask, query_pos,
     y = _linear(o, sd, f"{s}.output_linear")
     for j in range(n_dec):
         y = _cross_block(y, x, sd, f"decoder.layers.{j}", cond, cross_mask, query_pos, enc_pos, heads)
-    return _output_logprobs(y, sd, cond, lambda col: torch.full_like(col, float("-inf")))
+    return _output_logprobs(y, sd, cond, fill, mask_id)
 
 
 def reference_mdlm(sd, heads, n_blocks, tokens):
@@ -239,9 +262,13 @@ def test_reference_file_errors(released_with_tokenizer, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "has no EMA weights" in err and "convert with --weights raw" in err
     assert convert_main(["reference", str(no_ema), "--out", out, "--tokenizer", str(file), "--weights", "raw"]) == 0
-    torch.save({"model_state_dict": {}}, tmp_path / "other.ckpt")
+    torch.save({"model": {}, "iter": 3}, tmp_path / "other.ckpt")
     assert convert_main(["reference", str(tmp_path / "other.ckpt"), "--out", out]) == 2
-    assert "not a reference text checkpoint (no 'state_dict'; it holds model_state_dict)" in capsys.readouterr().err
+    assert "not a reference checkpoint (no 'state_dict' (text) or 'model_state_dict' (images); it holds model, iter)" \
+        in capsys.readouterr().err
+    torch.save({"model_state_dict": {"vocab_embed.embedding": torch.zeros(3, 4)}}, tmp_path / "image.ckpt")
+    assert convert_main(["reference", str(tmp_path / "image.ckpt"), "--out", out, "--weights", "ema"]) == 2
+    assert "holds only its raw weights (no EMA): convert with --weights raw" in capsys.readouterr().err
     assert export_main(["--ckpt", str(ckpt), "--out", out]) == 2
     assert "python -m pgm_dist.convert reference" in capsys.readouterr().err
 
@@ -258,3 +285,85 @@ def test_a_release_file_cannot_run_code(tmp_path):
     with pytest.raises(ValueError, match="holds no 'backbone.' parameters"):
         backbone_state(read_reference(tmp_path / "evil.ckpt"))
     assert not _Exploit.target.exists()
+
+
+# ---- the image PGMs ------------------------------------------------------------------------------------
+
+CODEBOOK, CLASSES, GRID = 30, 5, (3, 4)
+
+
+@pytest.mark.parametrize("depths", [(3, 3), (4, 2)], ids=["12-12", "14-10"])
+def test_converted_image_pgm_equals_the_reference_forward(depths, tmp_path):
+    """Registers in the reference's order (group 1's at position 0, group 0's at 1; on the sampling path
+    group 0's at 1), the class embedding as the raw conditioning, MASK (next to last) dropped, BOS last."""
+    n_enc, n_dec = depths
+    layout = reference_image_layout(CODEBOOK, 64, 2, CLASSES, n_enc=n_enc, n_dec=n_dec)
+    sd = random_reference_state(layout, seed=7)
+    path = save_image_release(tmp_path / "images_pgm.ckpt", sd)
+    config, state, info = load_reference(path, image_grid=GRID)
+    assert info["weights"] == "raw" and info["global_step"] == 4321
+    assert (config.n_enc, config.n_dec, config.num_classes, config.vocab_size, config.bos_id) == (
+        n_enc, n_dec, CLASSES, CODEBOOK + 1, CODEBOOK)
+    assert config.registers and not config.cond_silu and config.register_order == "reference"
+    config.dropout = 0.0
+    model = build_model(config).double().eval()
+    model.load_state_dict({k: v.double() for k, v in state.items()})
+    keep = torch.cat([torch.arange(CODEBOOK), torch.tensor([CODEBOOK + 1])])  # codes and BOS, not MASK
+    g = torch.Generator().manual_seed(1)
+    B, L = 3, 1 + GRID[0] * GRID[1]
+    tokens = torch.randint(0, CODEBOOK, (B, L), generator=g)
+    tokens[:, 0] = CODEBOOK  # our BOS; the reference's is CODEBOOK + 1
+    labels = torch.tensor([0, 3, CLASSES])  # the last: the null label
+    groups = torch.rand(B, L, generator=g) < 0.5
+    groups[:, 0], groups[:, 1] = False, True
+    ref_tokens = tokens.masked_fill(tokens == CODEBOOK, CODEBOOK + 1)
+    regs = sd["reg_tokens.weight"][None].expand(B, 2, 64)  # row 0: group 1's, row 1: group 0's
+    ref_groups = torch.cat([torch.tensor([True, False]).expand(B, 2), groups], 1)
+    pos = torch.arange(L + 2)[None].expand(B, L + 2)
+    same = ref_groups[:, :, None] == ref_groups[:, None, :]
+    with torch.no_grad():
+        theirs = reference_pgm(sd, 2, n_enc, n_dec, ref_tokens, pos, same, pos, ~same, labels=labels, prefix=regs)
+        assert_logprobs_equal(model(tokens, groups, labels).log_softmax(-1), theirs[:, 2:][..., keep])
+        # sampling: BOS and the revealed codes packed (right-padded), group 0's register at position 1
+        lengths = torch.tensor([4, 1, 6])
+        clean_pos = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(L - 1, generator=g)])
+                                 for _ in range(B)])
+        clean_pos, query_pos = clean_pos[:, :6], clean_pos[:, 6:]
+        clean = tokens.gather(1, clean_pos)
+        keys = torch.arange(7)[None, None, :] < (lengths + 1)[:, None, None]  # the register + n clean tokens
+        theirs = reference_pgm(sd, 2, n_enc, n_dec, clean.masked_fill(clean == CODEBOOK, CODEBOOK + 1),
+                               torch.cat([torch.ones(B, 1, dtype=torch.long), clean_pos + 2], 1), keys.expand(B, 7, 7),
+                               query_pos + 2, keys.expand(B, query_pos.shape[1], 7), labels=labels,
+                               prefix=sd["reg_tokens.weight"][1][None, None].expand(B, 1, 64))
+        assert_logprobs_equal(model.predict(clean, clean_pos, query_pos, lengths, labels).log_softmax(-1),
+                              theirs[..., keep])
+
+
+def test_an_image_release_converts_to_an_export_and_samples_pictures(tmp_path, capsys):
+    """convert --vq writes the VQ decoder (its config read from its shapes) beside the weights; sample
+    draws a grid of pictures from the export; without --vq it says where the decoder is missing."""
+    layout = reference_image_layout(CODEBOOK, 64, 2, CLASSES)
+    path = save_image_release(tmp_path / "images_pgm.ckpt", random_reference_state(layout, seed=8))
+    bare = tmp_path / "bare"
+    assert convert_main(["reference", str(path), "--out", str(bare)]) == 0  # the model alone
+    loaded = load_model(bare)
+    assert loaded.tokenizer is None and loaded.info["data_meta"]["image"]["vq"] == REFERENCE_VQ.to_dict()
+    grid = tmp_path / "grid.png"
+    assert sample_main(["--model", str(bare), "--num", "1", "--steps", "2", "--classes", "0", "--device", "cpu",
+                        "--out", str(grid)]) == 2
+    assert "the VQ decoder of" in capsys.readouterr().err
+    vq_config = VQConfig(codebook_size=CODEBOOK, codebook_embed_dim=4, ch=32, encoder_ch_mult=(1, 2),
+                         decoder_ch_mult=(1, 2), z_channels=8, num_res_blocks=1)
+    torch.save({"model": VQModel(vq_config).state_dict()}, tmp_path / "vq.pt")
+    out = tmp_path / "export"
+    assert convert_main(["reference", str(path), "--out", str(out), "--vq", str(tmp_path / "vq.pt")]) == 0
+    assert load_model(out).info["data_meta"]["image"]["vq"] == vq_config.to_dict()
+    assert sample_main(["--model", str(out), "--num", "1", "--steps", "2", "--classes", "0", "4", "--device", "cpu",
+                        "--out", str(grid)]) == 0
+    picture = np.asarray(Image.open(grid))
+    assert picture.ndim == 3 and picture.shape[0] >= 2 * GRID[0] * 2  # two rows of 6 x 8 pixel pictures, scaled
+    wrong = VQConfig(codebook_size=CODEBOOK + 1, codebook_embed_dim=4, ch=32, encoder_ch_mult=(1, 2),
+                     decoder_ch_mult=(1, 2), z_channels=8, num_res_blocks=1)
+    torch.save({"model": VQModel(wrong).state_dict()}, tmp_path / "wrong.pt")
+    assert convert_main(["reference", str(path), "--out", str(out), "--vq", str(tmp_path / "wrong.pt")]) == 2
+    assert f"has {CODEBOOK + 1} codes, the image model" in capsys.readouterr().err

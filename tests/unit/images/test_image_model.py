@@ -17,10 +17,30 @@ CODEBOOK, CLASSES, GRID = 17, 10, (8, 8)
 L = 1 + GRID[0] * GRID[1]
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["reference", "legacy"])
+def model(request):
+    """Both register orders: group 1's register at position 0 (the reference's) and group 0's."""
     return randomized_model("pgm-img-tiny", vocab_size=CODEBOOK + 1, seq_len=L, num_classes=CLASSES,
-                            image_grid=list(GRID))
+                            image_grid=list(GRID), register_order=request.param)
+
+
+def test_register_order_is_the_references_and_an_older_model_keeps_its_own():
+    config = ModelConfig.preset("pgm-img-tiny", vocab_size=CODEBOOK + 1, seq_len=L, num_classes=CLASSES,
+                                image_grid=list(GRID))
+    assert config.register_order == "reference"
+    old = {k: v for k, v in config.to_dict().items() if k != "register_order"}  # saved before the field
+    assert ModelConfig.from_dict(old).register_order == "legacy"
+    assert ModelConfig.from_dict(config.to_dict()).register_order == "reference"
+    reference = randomized_model("pgm-img-tiny", vocab_size=CODEBOOK + 1, seq_len=L, num_classes=CLASSES,
+                                 image_grid=list(GRID))
+    legacy = randomized_model("pgm-img-tiny", vocab_size=CODEBOOK + 1, seq_len=L, num_classes=CLASSES,
+                              image_grid=list(GRID), register_order="legacy")
+    legacy.load_state_dict(reference.state_dict())
+    tokens, groups = _tokens(2), torch.rand(2, L, generator=torch.Generator().manual_seed(1)) < 0.5
+    groups[:, 0] = False
+    with torch.no_grad():  # the same weights, the registers at each other's positions: another function
+        assert (reference(tokens, groups, labels=torch.tensor([1, 2]))
+                - legacy(tokens, groups, labels=torch.tensor([1, 2]))).abs().max() > 1e-3
 
 
 def _tokens(n: int, seed: int = 0) -> torch.Tensor:

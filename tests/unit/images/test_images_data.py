@@ -15,7 +15,7 @@ from pgm_dist.data.__main__ import main as data_cli
 from pgm_dist.data.loader import TrainLoader, ValidationLoader
 from pgm_dist.data.shards import DataFolder, expand_sources, iter_shard, write_shard
 from pgm_dist.images.data import digits_split
-from pgm_dist.images.vq import VQConfig, VQModel, load_vq
+from pgm_dist.images.vq import VQ8, VQConfig, VQModel, infer_vq_config, load_vq
 
 TINY = VQConfig(codebook_size=32, codebook_embed_dim=4, ch=8, encoder_ch_mult=(1, 2, 2), decoder_ch_mult=(1, 2, 2),
                 z_channels=8, num_res_blocks=1, norm_groups=4)
@@ -331,3 +331,63 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     write_shard(tmp_path / "text.tar", [("k", np.arange(5, dtype=np.uint16))])
     with pytest.raises(ValueError, match="no integer label.npy scalar: not an image shard"):
         list(iter_shard(str(tmp_path / "text.tar"), labels=True))
+
+
+@pytest.mark.parametrize("config", [VQ8, VQConfig(), TINY], ids=["VQ-8", "VQ-16", "tiny"])
+def test_the_vq_config_is_inferred_from_a_llamagen_state_dict(config, tmp_path):
+    """VQ-8 (the paper's: 4 levels, 256 px -> 32 x 32) and VQ-16 from their keys' shapes alone; a LlamaGen
+    file then loads without --vq-config (GroupNorm's groups are not in the weights: given for the tiny one)."""
+    with torch.device("meta"):
+        state = VQModel(config).state_dict()
+    assert infer_vq_config(state, norm_groups=config.norm_groups) == config
+    assert VQ8.downsample == 8 and VQConfig().downsample == 16
+    if config is TINY:
+        torch.save({"model": VQModel(TINY).state_dict()}, tmp_path / "vq.pt")
+        with pytest.raises(ValueError, match="must be multiples of norm_groups"):
+            load_vq(tmp_path / "vq.pt")  # inferred with LlamaGen's 32 groups: the tiny widths do not divide
+        assert load_vq(tmp_path / "vq.pt", TINY).config == TINY
+
+
+@pytest.mark.parametrize("width, height", [(250, 200), (200, 250), (256, 256), (120, 90)])
+def test_pictures_are_prepared_as_the_reference_resize_then_centre_crop(width, height, tmp_path):
+    """torchvision's Resize(256) + CenterCrop(256): the short side to 256, the long to int(256 long / short),
+    then the central square at a rounded offset. A horizontal ramp (value = 0.5 x + 30 at column x) and a
+    vertical one say where each output pixel came from: output column j samples the source at
+    (left + j + 0.5) * (width / new_width) - 0.5 (bilinear, pixel centres)."""
+    from PIL import Image
+
+    from pgm_dist.images.data import load_picture
+
+    xs, ys = np.meshgrid(np.arange(width), np.arange(height))
+    rgb = np.stack([0.5 * xs + 30, 0.5 * ys + 30, np.full_like(xs, 100.0)], -1)
+    Image.fromarray(rgb.round().astype(np.uint8)).save(tmp_path / "ramp.png")
+    out = load_picture(tmp_path / "ramp.png", 256)
+    assert out.shape == (3, 256, 256) and out.dtype == torch.float32
+    values = (out.numpy() + 1) * 127.5
+    short = min(width, height)
+    new_w, new_h = (256, int(256 * height / width)) if width <= height else (int(256 * width / height), 256)
+    left, top = round((new_w - 256) / 2), round((new_h - 256) / 2)
+    cols = (left + np.arange(256) + 0.5) * (width / new_w) - 0.5
+    rows = (top + np.arange(256) + 0.5) * (height / new_h) - 0.5
+    inner = slice(8, -8)  # away from the borders, where the filter is clamped
+    np.testing.assert_allclose(values[0, 128, inner], (0.5 * cols + 30)[inner], atol=1.01)
+    np.testing.assert_allclose(values[1, inner, 128], (0.5 * rows + 30)[inner], atol=1.01)
+    np.testing.assert_allclose(values[2], 100, atol=0.01)
+    assert short == 256 or (new_w, new_h) != (width, height)
+
+
+def test_the_resize_is_bilinear_not_bicubic(tmp_path):
+    """A sharp edge: the reference's bilinear filter never leaves the two levels; a bicubic one rings
+    (overshoots) beside the edge."""
+    from PIL import Image
+
+    from pgm_dist.images.data import load_picture
+
+    step = np.full((400, 600, 3), 50, np.uint8)
+    step[:, 301:] = 200
+    Image.fromarray(step).save(tmp_path / "edge.png")
+    values = (load_picture(tmp_path / "edge.png", 256).numpy() + 1) * 127.5
+    assert values.min() >= 50 - 0.01 and values.max() <= 200 + 0.01
+    assert len(np.unique(values.round())) > 2  # the edge is filtered, not nearest-neighbour
+    bicubic = np.asarray(Image.fromarray(step).resize((384, 256), Image.Resampling.BICUBIC), np.float32)
+    assert bicubic.min() < 50 or bicubic.max() > 200  # what the test tells apart

@@ -25,7 +25,7 @@ def readme_preset_rows(kind: str) -> dict[str, float]:
 
 
 # Each image preset's count at the data it was made for: (codebook, grid side, classes).
-IMAGE_DATA = {"pgm-img-tiny": (17, 8, 10), "pgm-img-b": (16384, 32, 1000)}
+IMAGE_DATA = {"pgm-img-tiny": (17, 8, 10), "pgm-img-b": (16384, 32, 1000), "pgm-img-b-14-10": (16384, 32, 1000)}
 
 
 def test_readme_lists_every_preset_with_its_meta_device_parameter_count():

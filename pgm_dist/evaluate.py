@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-from pgm_dist.checkpoints.load import load_model, training_data_folder
+from pgm_dist.checkpoints.load import image_decoder_path, load_model, training_data_folder
 from pgm_dist.common.cli import HelpFormatter, default_device, run_cli
 from pgm_dist.common.errors import DataError
 from pgm_dist.data.loader import ValidationLoader
@@ -20,6 +21,9 @@ from pgm_dist.data.shards import DataFolder
 from pgm_dist.data.synthetic import SOURCE_FILE, MarkovSource
 from pgm_dist.evaluation.gen_ppl import PROTOCOLS, eval_samplers, load_evaluator, sample_quality
 from pgm_dist.evaluation.nelbo import nelbo_and_perplexity, nelbo_sums
+from pgm_dist.images.data import list_image_folder
+from pgm_dist.images.pictures import pixel_decoder
+from pgm_dist.images.quality import load_feature_extractor, model_fid
 from pgm_dist.training.components import objective_for
 from pgm_dist.training.setup import codec_sha256
 
@@ -51,12 +55,45 @@ def main(argv=None) -> int:
     parser.add_argument("--gen-ppl-protocol", default="first", choices=PROTOCOLS,
                         help="a sample longer than the evaluator's window: score its first window only (the "
                              "paper's protocol) or strided windows (each token once, with up to a window of context)")
+    parser.add_argument("--fid", default=None, metavar="REAL_DIR",
+                        help="image models: the FID of samples against the pictures of this folder (one sub-folder "
+                             "per class, as ImageNet-val), each sample drawn with a real picture's label; needs "
+                             "--features (instead of the validation NELBO)")
+    parser.add_argument("--features", default=None, metavar="FILE",
+                        help="with --fid: a TorchScript feature network, images [N, 3, 299, 299] in [0, 1] -> "
+                             "features [N, D] or (features, logits) (then the Inception Score too); "
+                             "benchmarks/inception_features.py writes Inception-v3 pool3")
+    parser.add_argument("--num", type=int, default=50_000, help="with --fid: pictures (at most the folder's)")
+    parser.add_argument("--cfg", type=float, default=2.0, help="with --fid: classifier-free guidance weight")
+    parser.add_argument("--fid-batch", type=int, default=32, help="with --fid: pictures per sampling batch")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     return run_cli(lambda: evaluate(args))
 
 
+def evaluate_fid(loaded, args: argparse.Namespace) -> None:
+    if loaded.config.image_grid is None:
+        raise DataError("--fid measures pictures: this is a text model")
+    if args.features is None:
+        raise DataError("--fid needs --features FILE (a TorchScript feature network; "
+                        "benchmarks/inception_features.py writes Inception-v3 pool3)")
+    decode = pixel_decoder(image_decoder_path(loaded))
+    extractor = load_feature_extractor(args.features, args.device)
+    result = model_fid(loaded.model, decode, list_image_folder(Path(args.fid)), extractor, num=args.num,
+                       steps=args.steps, cfg=args.cfg, batch=args.fid_batch, seed=args.seed, device=args.device,
+                       progress=not args.no_progress)
+    line = (f"model {loaded.source}\nreal pictures {args.fid} ({result['num']}, their labels)\n"
+            f"{args.steps} steps, guidance {args.cfg}\nFID {result['fid']:.4f}")
+    if "inception_score" in result:
+        line += f"\nInception Score {result['inception_score']:.4f} +- {result['inception_score_std']:.4f}"
+    print(line)
+
+
 def evaluate(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, args.device, tokenizer=args.tokenizer)
+    if args.fid is not None:
+        evaluate_fid(loaded, args)
+        return
     image = loaded.config.image_grid is not None
     if image and args.eval_model:
         raise DataError("--eval-model scores texts: an image model's samples are pictures "

@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from pgm_dist.images.data import DIGITS_LEVELS, digits_split
+from pgm_dist.images.data import DIGITS_LEVELS, ImageFolderListing, digits_split
 from pgm_dist.images.pictures import digits_pixels
 from pgm_dist.images.sampling import sample_image_pgm
 
@@ -209,3 +209,88 @@ def digits_quality(model, classifier: DigitsClassifier, steps: Iterable[int], cf
             rows.append({"steps": k, "cfg": cfg, "accuracy": class_accuracy(classifier, grids, labels.numpy()),
                          "diversity": diversity(digits_pixels(grids), labels.numpy())})
     return rows
+
+
+# --- FID of an image model against a folder of real pictures (the reference's protocol) ----------
+
+FID_SIZE = 299  # the Inception input side
+IS_SPLITS = 10
+
+
+def fid_inputs(pixels) -> torch.Tensor:
+    """Pictures ``float [N, H, W, 3]`` in [0, 1] as the reference's FID prepares them (clean-fid's
+    float PIL resizer in torch-fidelity's pipeline): ``x * 255`` as float, each channel resized by
+    PIL bicubic to 299 x 299 (mode ``F``), clipped to [0, 255], truncated to uint8; returned as the
+    feature file's input, ``float [N, 3, 299, 299]`` in [0, 1]."""
+    from PIL import Image
+
+    pixels = np.clip(np.asarray(pixels, dtype=np.float32) * 255.0, 0, 255)
+    out = np.empty((len(pixels), 3, FID_SIZE, FID_SIZE), dtype=np.uint8)
+    for n, picture in enumerate(pixels):
+        for c in range(3):
+            channel = Image.fromarray(np.ascontiguousarray(picture[:, :, c]), mode="F")
+            resized = np.asarray(channel.resize((FID_SIZE, FID_SIZE), Image.Resampling.BICUBIC))
+            out[n, c] = np.clip(resized, 0, 255).astype(np.uint8)  # truncation, as torch's .to(uint8)
+    return torch.from_numpy(out).float() / 255.0
+
+
+def _run_extractor(extractor, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(features [B, D], logits [B, C] or None): a features file returns features, or (features, logits)."""
+    out = extractor(batch)
+    features, logits = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
+    if features.ndim != 2 or features.shape[0] != batch.shape[0]:
+        raise ValueError(f"the extractor must return [B, D] features, got {tuple(features.shape)}")
+    return features.double().cpu(), None if logits is None else logits.double().cpu()
+
+
+def inception_score(logits: np.ndarray, splits: int = IS_SPLITS) -> tuple[float, float]:
+    """Inception Score (mean, std over ``splits``): ``exp E_x KL(p(y|x) || p(y))`` per split."""
+    probs = torch.from_numpy(np.asarray(logits, dtype=np.float64)).softmax(-1).numpy()
+    scores = []
+    for part in np.array_split(probs, min(splits, len(probs))):
+        marginal = part.mean(0, keepdims=True)
+        kl = (part * (np.log(part + 1e-30) - np.log(marginal + 1e-30))).sum(1)
+        scores.append(float(np.exp(kl.mean())))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+@torch.no_grad()
+def model_fid(model, decode: Callable[[torch.Tensor], np.ndarray], real: ImageFolderListing,
+              extractor: Callable[[torch.Tensor], torch.Tensor], *, num: int, steps: int, cfg: float,
+              batch: int = 32, seed: int = 0, device: str | torch.device = "cpu", progress: bool = True) -> dict:
+    """FID of ``model``'s samples against ``num`` real pictures (a seeded subset of ``real``), each
+    generated picture drawn with the label of a real one: the generated labels are the real subset's
+    multiset, as the reference's protocol (its validation split). Real pictures are prepared as the
+    training data's (:func:`pgm_dist.images.data.load_picture`) at the decoder's size, both sets as
+    :func:`fid_inputs`. Returns fid, num, labels and, when the extractor gives logits, the IS."""
+    from tqdm import tqdm
+
+    from pgm_dist.images.data import load_picture
+
+    num = min(num, len(real.files))
+    order = np.random.default_rng(seed).permutation(len(real.files))[:num]
+    labels = torch.tensor([real.labels[i] for i in order], dtype=torch.long)
+    h, w = model.config.image_grid
+    generator = torch.Generator(device).manual_seed(seed)
+    sets = {"real": [], "generated": []}
+    logits = []
+    bar = tqdm(total=2 * num, unit="img", desc="fid", disable=not progress)
+    for start in range(0, num, batch):
+        part = labels[start:start + batch]
+        codes = sample_image_pgm(model, part.to(device), steps, cfg=cfg, generator=generator)[:, 1:]
+        generated = decode(codes.reshape(-1, h, w))
+        size = generated.shape[1]
+        real_pixels = torch.stack([load_picture(real.files[i], size) for i in order[start:start + batch]])
+        real_pixels = ((real_pixels + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        for name, pixels in (("real", real_pixels), ("generated", generated)):
+            features, batch_logits = _run_extractor(extractor, fid_inputs(pixels).to(device))
+            sets[name].append(features.numpy())
+            if name == "generated" and batch_logits is not None:
+                logits.append(batch_logits.numpy())
+            bar.update(len(part))
+    bar.close()
+    result = {"fid": fid(np.concatenate(sets["real"]), np.concatenate(sets["generated"])), "num": num,
+              "labels": labels.tolist()}
+    if logits:
+        result["inception_score"], result["inception_score_std"] = inception_score(np.concatenate(logits))
+    return result

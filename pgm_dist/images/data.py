@@ -149,6 +149,7 @@ class ImageSource:
     sources: list[dict]
     identity: list  # what the output depends on (for the reuse check)
     vq_model: "VQModel | None" = None  # saved into the folder, its config into meta.json
+    val_from: int | None = None  # pictures from this index on are the validation split (--val-input)
 
 
 def digits_source() -> ImageSource:
@@ -165,11 +166,21 @@ def digits_source() -> ImageSource:
 
 
 def vq_source(input_dir: Path, vq_path: Path, vq_config: "VQConfig | None", image_size: int, batch_size: int,
-              device: str, progress: Callable[[int], None]) -> ImageSource:
+              device: str, progress: Callable[[int], None], val_dir: Path | None = None) -> ImageSource:
     """An ImageFolder tokenized by the VQ model at ``vq_path``; pictures are read and encoded
-    lazily, ``batch_size`` at a time, when the samples are written."""
+    lazily, ``batch_size`` at a time, when the samples are written. ``val_dir``: a second ImageFolder
+    with the same class sub-folders (ImageNet-val) that is the validation split."""
 
     listing = list_image_folder(input_dir)
+    val_from = None
+    if val_dir is not None:
+        val = list_image_folder(val_dir)
+        if val.class_names != listing.class_names:
+            missing = sorted(set(listing.class_names) ^ set(val.class_names))[:5]
+            raise DataError(f"--val-input {val_dir} does not have the class sub-folders of {input_dir} "
+                            f"(e.g. {', '.join(missing)} in only one of them)")
+        val_from = len(listing.files)
+        listing = ImageFolderListing(listing.files + val.files, listing.labels + val.labels, listing.class_names)
     if batch_size < 1 or image_size < 1:
         raise DataError("--batch-size and --image-size must be at least 1")
     model = load_vq(vq_path, vq_config).to(device)
@@ -191,8 +202,10 @@ def vq_source(input_dir: Path, vq_path: Path, vq_config: "VQConfig | None", imag
     return ImageSource(
         "vq", len(listing.files), listing.labels, listing.class_names, (image_size // f, image_size // f), codebook,
         samples, [{"path": str(input_dir), "files": len(listing.files), "sha256": files_fingerprint(listing.files)},
-                  {"path": str(vq_path), "files": 1, "sha256": weights}],
-        identity=[files_fingerprint(listing.files), weights, image_size, PREPROCESSING], vq_model=model)
+                  {"path": str(vq_path), "files": 1, "sha256": weights}]
+        + ([{"path": str(val_dir), "split": "val", "files": len(listing.files) - val_from}] if val_dir else []),
+        identity=[files_fingerprint(listing.files), weights, image_size, PREPROCESSING, val_from], vq_model=model,
+        val_from=val_from)
 
 
 def write_split(out: Path, split: str, samples: Iterable[Sample], per_shard: int, keep_partial: bool,
@@ -211,7 +224,10 @@ def build_images(out: Path, source: ImageSource, samples_per_shard: int | None =
     out = Path(out)
     fingerprint = hashlib.sha256(json.dumps([BUILDER_VERSION, source.name, source.identity, samples_per_shard,
                                              VAL_EVERY, ORDER_SEED], sort_keys=True).encode()).hexdigest()
-    train, val = split_indices(source.count)
+    if source.val_from is not None:  # a separate validation folder: nothing held out of the train one
+        train, val = np.arange(source.val_from), np.arange(source.val_from, source.count)
+    else:
+        train, val = split_indices(source.count)
     if len(train) == 0:
         raise DataError(f"{source.count} picture(s): not one for training (every {VAL_EVERY}th, from the first, "
                         "is held out for validation)")
@@ -251,11 +267,13 @@ def build_digits(out: Path, samples_per_shard: int | None = None, log=print) -> 
 
 def build_vq(out: Path, input_dir: Path, vq_path: Path, vq_config: "VQConfig | None" = None, image_size: int = 256,
              batch_size: int = 32, device: str = "cpu", samples_per_shard: int | None = None,
-             progress: bool = True, log=print) -> DatasetMeta:
-    """Tokenize an ImageFolder with a VQ checkpoint into an image data folder."""
+             progress: bool = True, log=print, val_dir: Path | None = None) -> DatasetMeta:
+    """Tokenize an ImageFolder with a VQ checkpoint into an image data folder (``val_dir``: the
+    validation split's own folder; else every tenth picture is held out)."""
     bar = tqdm(unit="img", desc="encode", disable=not progress)
     try:
-        source = vq_source(Path(input_dir), Path(vq_path), vq_config, image_size, batch_size, device, bar.update)
+        source = vq_source(Path(input_dir), Path(vq_path), vq_config, image_size, batch_size, device, bar.update,
+                           Path(val_dir) if val_dir is not None else None)
         bar.reset(total=source.count)
         return build_images(out, source, samples_per_shard, log=log)
     finally:
@@ -290,9 +308,14 @@ def add_build_images_parser(commands) -> None:
     source.add_argument("--vq", type=Path, help="VQ tokenizer checkpoint (LlamaGen {'model': state_dict}, a bare "
                         "state dict, or a .safetensors written by this project)")
     i.add_argument("--input", type=Path, help="with --vq: an image folder, one sub-folder per class")
+    i.add_argument("--val-input", type=Path, default=None,
+                   help="with --vq: the validation split's own image folder, the same class sub-folders (ImageNet-"
+                        "val); then nothing is held out of --input")
     i.add_argument("--vq-config", default=None,
-                   help="with --vq: JSON object (or .json file) of VQ config fields over LlamaGen's VQ-16 defaults")
-    i.add_argument("--image-size", type=int, default=256, help="with --vq: pixels per side after the centre crop")
+                   help="with --vq: JSON object (or .json file) of VQ config fields over LlamaGen's VQ-16 defaults, "
+                        "instead of the config read from the checkpoint's shapes")
+    i.add_argument("--image-size", type=int, default=256,
+                   help="with --vq: pixels per side (short side resized to it, then the centre square)")
     i.add_argument("--batch-size", type=int, default=32, help="with --vq: pictures per encoder batch")
     i.add_argument("--device", default=None, help="with --vq: encoder device (default: cuda when present, else cpu)")
     i.add_argument("--samples-per-shard", type=int, default=None,
@@ -304,12 +327,12 @@ def build_images_command(args: argparse.Namespace) -> None:
     if args.samples_per_shard is not None and args.samples_per_shard < 1:
         raise ValueError("--samples-per-shard must be at least 1")
     if args.digits:
-        if args.input is not None or args.vq_config is not None:
-            raise ValueError("--input and --vq-config go with --vq, not --digits")
+        if args.input is not None or args.vq_config is not None or args.val_input is not None:
+            raise ValueError("--input, --val-input and --vq-config go with --vq, not --digits")
         build_digits(args.out, args.samples_per_shard)
         return
     if args.input is None:
         raise ValueError("--vq needs --input IMAGE_FOLDER (one sub-folder per class)")
     device = args.device or default_device()
     build_vq(args.out, args.input, args.vq, vq_config(args.vq_config), args.image_size, args.batch_size, device,
-             args.samples_per_shard, progress=not args.no_progress)
+             args.samples_per_shard, progress=not args.no_progress, val_dir=args.val_input)

@@ -391,3 +391,31 @@ def test_the_resize_is_bilinear_not_bicubic(tmp_path):
     assert len(np.unique(values.round())) > 2  # the edge is filtered, not nearest-neighbour
     bicubic = np.asarray(Image.fromarray(step).resize((384, 256), Image.Resampling.BICUBIC), np.float32)
     assert bicubic.min() < 50 or bicubic.max() > 200  # what the test tells apart
+
+
+def test_val_input_is_the_validation_split_and_nothing_is_held_out_of_the_input(tmp_path, capsys):
+    """--val-input (ImageNet-val's role): its pictures, labelled by the same class names, are the val
+    split; every --input picture is trained on (none of every tenth held out)."""
+    model = tiny_vq()
+    save_llamagen_checkpoint(model, tmp_path / "vq.pt")
+    train_files = write_image_folder(tmp_path / "pics")
+    val_files = write_image_folder(tmp_path / "val")[3:9]  # both classes
+    for path in (tmp_path / "val").rglob("*.png"):
+        if path not in {p for p, _ in val_files}:
+            path.unlink()
+    out = tmp_path / "out"
+    base = ["build-images", "--vq", str(tmp_path / "vq.pt"), "--input", str(tmp_path / "pics"), "--image-size",
+            str(SIZE), "--vq-config", json.dumps(TINY.to_dict()), "--no-progress", "--samples-per-shard", "3"]
+    assert data_cli([*base, "--out", str(out), "--val-input", str(tmp_path / "val")]) == 0
+    found = read_folder(out)
+    val = sorted(found[i][1:] for i in found if found[i][2] == "val")
+    assert val == sorted((label, "val") for _, label in val_files)
+    train = [i for i in found if found[i][2] == "train"]
+    meta = json.loads((out / "meta.json").read_text())
+    assert len(train) + meta["dropped_blocks"] == len(train_files) and max(train) < len(train_files)
+    expected = model.encode(torch.stack([picture_tensor(p) for p, _ in val_files]))
+    got = sorted((found[i][0][1:].tolist(), found[i][1]) for i in found if found[i][2] == "val")
+    assert got == sorted((e.reshape(-1).tolist(), label) for e, (_, label) in zip(expected, val_files))
+    (tmp_path / "val" / "bee").rename(tmp_path / "val" / "wasp")
+    assert data_cli([*base, "--out", str(tmp_path / "other"), "--val-input", str(tmp_path / "val")]) == 2
+    assert "does not have the class sub-folders of" in capsys.readouterr().err

@@ -71,6 +71,17 @@ def main(argv=None) -> int:
     return run_cli(lambda: evaluate(args))
 
 
+def same_image_codes(folder: DataFolder, loaded) -> bool:
+    """Whether ``folder`` holds the codes ``loaded`` reads: its checksum (grid, codebook, classes, VQ);
+    a converted released model records none: its grid, codebook and classes, and a VQ-8 folder."""
+    if loaded.info.get("tokenizer_sha256") is not None:
+        return codec_sha256(folder, None) == loaded.info["tokenizer_sha256"]
+    image, config = folder.meta.image, loaded.config
+    vq = loaded.info["data_meta"]["image"]["vq"]
+    return (image["grid"], image["codebook_size"], image["num_classes"]) == (
+        config.image_grid, config.vocab_size - 1, config.num_classes) and image["vq"] == vq
+
+
 def evaluate_fid(loaded, args: argparse.Namespace) -> None:
     if loaded.config.image_grid is None:
         raise DataError("--fid measures pictures: this is a text model")
@@ -112,7 +123,7 @@ def evaluate(args: argparse.Namespace) -> None:
         data, origin = trained_on, "the folder the model was trained on"
     folder = DataFolder.open(data)
     if image:
-        if not folder.is_image or codec_sha256(folder, None) != loaded.info.get("tokenizer_sha256"):
+        if not folder.is_image or not same_image_codes(folder, loaded):
             raise DataError(f"{data} does not hold the image codes {loaded.source} was trained on (another grid, "
                             "codebook, classes or VQ tokenizer, or a text folder): evaluate on the model's own "
                             "image data folder" + (f" {trained_on}" if trained_on is not None else ""))

@@ -11,6 +11,7 @@ from PIL import Image
 
 from pgm_dist.checkpoints.load import image_decoder_path, load_model
 from pgm_dist.convert import main as convert_main
+from pgm_dist.data.__main__ import main as data_cli
 from pgm_dist.evaluate import main as evaluate_main
 from pgm_dist.images.data import list_image_folder, load_picture
 from pgm_dist.images.pictures import pixel_decoder
@@ -106,3 +107,21 @@ def test_evaluate_fid_command(setup, capsys):
     assert "real pictures" in out and "(5, their labels)" in out and "FID " in out and "Inception Score" in out
     assert evaluate_main(["--model", str(export), "--fid", str(real_dir), "--device", "cpu"]) == 2
     assert "--fid needs --features FILE" in capsys.readouterr().err
+
+
+def test_a_converted_image_model_evaluates_on_a_folder_of_its_codes(setup, tmp_path, capsys):
+    """No checksum travels with a released model: a folder with its grid, codebook, classes and VQ is its
+    own (the pictures at 64 px through the f = 2 VQ: 32 x 32 codes, as the released models read)."""
+    export, real_dir, _ = setup
+    data = tmp_path / "codes"
+    assert data_cli(["build-images", "--vq", str(export.parent / "vq.pt"), "--input", str(real_dir), "--out", str(data),
+                     "--image-size", "64", "--no-progress"]) == 0
+    assert evaluate_main(["--model", str(export), "--data", str(data), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    nelbo = float(out.split("NELBO ")[1].split()[0])
+    assert 0 < nelbo < 2 * np.log(CODEBOOK + 1) and "nats/code" in out
+    other = tmp_path / "other"
+    assert data_cli(["build-images", "--vq", str(export.parent / "vq.pt"), "--input", str(real_dir), "--out",
+                     str(other), "--image-size", "32", "--no-progress"]) == 0  # a 16 x 16 grid
+    assert evaluate_main(["--model", str(export), "--data", str(other), "--device", "cpu"]) == 2
+    assert "does not hold the image codes" in capsys.readouterr().err

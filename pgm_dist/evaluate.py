@@ -21,7 +21,7 @@ from pgm_dist.data.shards import DataFolder
 from pgm_dist.data.synthetic import SOURCE_FILE, MarkovSource
 from pgm_dist.evaluation.gen_ppl import PROTOCOLS, eval_samplers, load_evaluator, sample_quality
 from pgm_dist.evaluation.nelbo import nelbo_and_perplexity, nelbo_sums
-from pgm_dist.images.data import list_image_folder
+from pgm_dist.images.data import ImageFolderListing, list_image_folder
 from pgm_dist.images.pictures import pixel_decoder
 from pgm_dist.images.quality import load_feature_extractor, model_fid
 from pgm_dist.training.components import objective_for
@@ -82,15 +82,34 @@ def same_image_codes(folder: DataFolder, loaded) -> bool:
         config.image_grid, config.vocab_size - 1, config.num_classes) and image["vq"] == vq
 
 
+def real_labels_as_classes(real: ImageFolderListing, loaded) -> ImageFolderListing:
+    """The real pictures labelled by the model's classes: by name when the model records its classes'
+    names (a model trained here), else by the sorted sub-folders' order (a released model: ImageNet's
+    sorted synsets), which must then be as many as the model's classes."""
+    names = ((loaded.info.get("data_meta") or {}).get("image") or {}).get("class_names")
+    if names:
+        unknown = [name for name in real.class_names if name not in names]
+        if unknown:
+            raise DataError(f"class sub-folders {', '.join(unknown[:5])} of the real pictures are not classes of the "
+                            f"model (its classes: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
+        return ImageFolderListing(real.files, [names.index(real.class_names[label]) for label in real.labels], names)
+    if len(real.class_names) != loaded.config.num_classes:
+        raise DataError(f"the real pictures have {len(real.class_names)} class sub-folders, the model "
+                        f"{loaded.config.num_classes} classes: their labels are the sorted sub-folders' indices, so "
+                        "give a folder with one sub-folder per class of the model")
+    return real
+
+
 def evaluate_fid(loaded, args: argparse.Namespace) -> None:
     if loaded.config.image_grid is None:
         raise DataError("--fid measures pictures: this is a text model")
     if args.features is None:
         raise DataError("--fid needs --features FILE (a TorchScript feature network; "
                         "benchmarks/inception_features.py writes Inception-v3 pool3)")
-    decode = pixel_decoder(image_decoder_path(loaded))
+    decode = pixel_decoder(image_decoder_path(loaded), args.device)
     extractor = load_feature_extractor(args.features, args.device)
-    result = model_fid(loaded.model, decode, list_image_folder(Path(args.fid)), extractor, num=args.num,
+    real = real_labels_as_classes(list_image_folder(Path(args.fid)), loaded)
+    result = model_fid(loaded.model, decode, real, extractor, num=args.num,
                        steps=args.steps, cfg=args.cfg, batch=args.fid_batch, seed=args.seed, device=args.device,
                        progress=not args.no_progress)
     line = (f"model {loaded.source}\nreal pictures {args.fid} ({result['num']}, their labels)\n"

@@ -53,7 +53,7 @@ def sample_images(loaded, args) -> str:
     if bad:
         raise ValueError(f"--classes {bad}: this model has classes 0..{config.num_classes - 1} "
                          f"({config.num_classes} = unconditional)")
-    decode = pixel_decoder(image_decoder_path(loaded))
+    decode = pixel_decoder(image_decoder_path(loaded), args.device)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     start = time.perf_counter()
     pixels = sample_pictures(loaded.model, classes, args.num, args.steps, decode, cfg=args.cfg,

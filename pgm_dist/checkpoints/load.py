@@ -104,8 +104,9 @@ def load_reference_model(path: str | Path, device: str | torch.device = "cpu", a
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", attention: str | None = None,
                tokenizer: str | Path | None = None) -> LoadedModel:
-    """An export, a checkpoint, a run folder, or a released reference file (its EMA weights, with
-    ``tokenizer``: a Hugging Face name or file, default GPT-2's). Eval mode, on ``device``."""
+    """An export, a checkpoint, a run folder, or a released reference file (a text file's EMA weights
+    with ``tokenizer``, a Hugging Face name or file, default GPT-2's; an image file's raw weights, all
+    it holds). Eval mode, on ``device``."""
     if is_reference_checkpoint(path):
         return load_reference_model(path, device, attention, tokenizer)
     source = resolve_model_dir(path)
@@ -139,6 +140,10 @@ def image_decoder_path(loaded: LoadedModel) -> Path | None:
     image = (loaded.info.get("data_meta") or {}).get("image") or {}
     if image.get("vq") is None:
         return None
+    if loaded.source.is_file():  # a released file, converted in memory: no folder beside it holds a decoder
+        raise FileNotFoundError(f"{loaded.source} has no VQ decoder: convert it with its VQ first, `python -m "
+                                f"pgm_dist.convert reference {loaded.source} --vq vq_ds8_c2i.pt --out DIR`, then "
+                                "pass DIR")
     candidates = [loaded.source / VQ_FILE]
     data = training_data_folder(loaded.info)
     if data is not None:

@@ -60,19 +60,28 @@ class _Placeholder:
         return _Placeholder(*args, **kwargs)
 
 
+_REBUILD = {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
+            "_rebuild_parameter_with_state", "_rebuild_sparse_tensor", "_rebuild_device_tensor_from_numpy",
+            "_rebuild_meta_tensor_no_storage", "_rebuild_qtensor"}
+_ALLOWED = {("torch._tensor", "_rebuild_from_type_v2"), ("torch.nn.parameter", "Parameter"),
+            ("torch", "Size"), ("torch", "device"), ("collections", "OrderedDict"), ("_codecs", "encode"),
+            ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar")}
+
+
 def _rebuilt(module: str, name: str) -> bool:
     """Whether the reader rebuilds ``module.name`` for real: tensors, their storages and dtypes, standard
-    containers and numbers. Nothing else is called (a pickle cannot run code through this reader)."""
+    containers and numbers, each named exactly. Nothing else is called (a pickle cannot run code through
+    this reader). A dotted name is refused: the unpickler would follow it attribute by attribute
+    (``_rebuild_tensor.__globals__...``) out of any list."""
+    if "." in name:
+        return False
     if module == "torch":
-        return name.endswith("Storage") or name in ("Size", "device") or isinstance(getattr(torch, name, None),
-                                                                                   torch.dtype)
-    return ((module == "torch._utils" and name.startswith("_rebuild_"))
-            or (module == "torch._tensor" and name == "_rebuild_from_type_v2")
-            or (module, name) in {("torch.nn.parameter", "Parameter"), ("collections", "OrderedDict"),
-                                  ("_codecs", "encode"), ("numpy.core.multiarray", "_reconstruct"),
-                                  ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
-                                  ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                                  ("numpy._core.multiarray", "scalar")}
+        found = getattr(torch, name, None)
+        return ((module, name) in _ALLOWED or isinstance(found, torch.dtype)
+                or (name.endswith("Storage") and isinstance(found, type)))
+    return ((module == "torch._utils" and name in _REBUILD) or (module, name) in _ALLOWED
             or (module == "builtins" and name in _SAFE_BUILTINS))
 
 

@@ -25,7 +25,7 @@ from pgm_dist.common.files import no_group_or_world_write
 from pgm_dist.data.shards import DataFolder
 from pgm_dist.distillation.config import parse_distill_config
 from pgm_dist.distillation.task import prepare_distillation
-from pgm_dist.distillation.teacher import find_teacher
+from pgm_dist.distillation.teacher import check_teacher_data, find_teacher
 from pgm_dist.models.config import ModelConfig
 from pgm_dist.training.config import parse_train_config
 from pgm_dist.training.loop import StopFlag
@@ -49,7 +49,8 @@ def entries() -> dict[str, Entry]:
     """``--entry`` name -> Entry: ``train`` (``pgm_dist/train.py``), ``distill`` (``pgm_dist/distill.py``)."""
 
     def check_distillation(cfg, world_sizes: list[int], device) -> None:
-        find_teacher(cfg.teacher)  # the rest of the teacher's checks need its data, read in the job
+        # the rest of the teacher's checks need its data, read in the job
+        check_teacher_data(find_teacher(cfg.teacher), cfg.data)
         check_before_launch(cfg, world_sizes, device)
 
     def trained_model(cfg) -> ModelConfig | None:

@@ -44,6 +44,9 @@ def list_files(inputs: list[Path]) -> list[Path]:
     for root in inputs:
         if not root.exists():
             raise FileNotFoundError(f"input path {root} does not exist")
+        if root.name.endswith(".parquet.gz"):
+            raise ValueError(f"input file {root}: Parquet files cannot be gzipped (Parquet compresses its own "
+                             "columns): pass the .parquet file")
         if root.is_file():
             if _base_suffix(root) not in SUFFIXES:
                 raise ValueError(f"input file {root} is not one of {', '.join(SUFFIXES)} (optionally .gz)")
@@ -51,7 +54,7 @@ def list_files(inputs: list[Path]) -> list[Path]:
             continue
         for path in sorted(root.rglob("*")):
             skip = {"site-packages", "dist-packages", "__pycache__"} & set(path.relative_to(root).parts)
-            if path.is_file() and not skip and _base_suffix(path) in SUFFIXES:
+            if path.is_file() and not skip and _base_suffix(path) in SUFFIXES and not path.name.endswith(".parquet.gz"):
                 files.append(path)
     if not files:
         raise FileNotFoundError(f"no {', '.join(SUFFIXES)} files under {', '.join(map(str, inputs))}")

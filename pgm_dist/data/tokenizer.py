@@ -175,6 +175,9 @@ class Tokenizer:
             self.codec = IdCodec(json.loads(data))
         elif data.startswith(HF_CODEC_MAGIC):
             self.codec = HFCodec(json.loads(data))
+        elif data.lstrip().startswith(b"{"):  # JSON but none of ours: a Hugging Face tokenizer.json, most likely
+            raise ValueError(f"{path} is a JSON file, not a tokenizer file this project wrote: a Hugging Face "
+                             "tokenizer.json is given to the data builder with --hf-tokenizer")
         else:
             self.codec = SentencePieceCodec(path)
         self.kind = {IdCodec: "ids", HFCodec: "hf", SentencePieceCodec: "sentencepiece"}[type(self.codec)]

@@ -27,7 +27,7 @@ from pgm_dist.data.shards import DataFolder
 from pgm_dist.data.synthetic import SOURCE_FILE, MarkovSource
 from pgm_dist.distillation.config import DistillConfig
 from pgm_dist.distillation.objective import SDTTObjective
-from pgm_dist.distillation.teacher import find_teacher, initial_weights
+from pgm_dist.distillation.teacher import check_teacher_data, find_teacher, initial_weights
 from pgm_dist.evaluation.gen_ppl import eval_samplers, load_evaluator, sample_quality
 from pgm_dist.models.config import ModelConfig
 from pgm_dist.training.components import Setup, Task
@@ -140,15 +140,13 @@ def prepare_distillation(cfg: DistillConfig, env: DistEnv, device: torch.device)
         if trained_on is not None and trained_on.is_dir():
             cfg = dataclasses.replace(cfg, data=str(trained_on))
     model_config = ModelConfig.from_dict(teacher.info["model_config"])
+    if model_config.image_grid is not None:
+        raise ConfigError(f"the teacher {teacher.source} is an image PGM: SDTT distillation here is for text PGMs")
+    check_teacher_data(teacher, cfg.data)
     if teacher.is_reference:  # it reads any length (rotary) and takes the data's tokenizer and its BOS/EOS
-        if cfg.data is None:
-            raise ConfigError(f"the released teacher {teacher.source} needs --data: a folder built with its "
-                              "tokenizer (python -m pgm_dist.data build --hf-tokenizer gpt2 ...)")
         data = DataFolder.open(cfg.data)
         model_config.seq_len = data.meta.seq_len
         model_config.bos_id, model_config.eos_id = data.meta.special_ids["bos"], data.meta.special_ids["eos"]
-    if model_config.image_grid is not None:
-        raise ConfigError(f"the teacher {teacher.source} is an image PGM: SDTT distillation here is for text PGMs")
     model_config.attention = cfg.attention
     model_config.loss_chunk, model_config.activation_checkpointing = cfg.loss_chunk, cfg.activation_checkpointing
     model_config.fused_loss = cfg.fused_loss

@@ -54,6 +54,13 @@ def find_teacher(path: str | None) -> Teacher:
     return Teacher(source, read_info(source))
 
 
+def check_teacher_data(teacher: Teacher, data: str | None) -> None:
+    """A released teacher file carries no data folder: ``--data`` must name one built with its tokenizer."""
+    if teacher.is_reference and data is None:
+        raise ConfigError(f"the released teacher {teacher.source} needs --data: a folder built with its "
+                          "tokenizer (python -m pgm_dist.data build --hf-tokenizer gpt2 ...)")
+
+
 def initial_weights(teacher: Teacher, init_from: str) -> dict[str, torch.Tensor]:
     """fp32 weights by parameter name: ``raw`` = the checkpoint's fp32 master weights (gathered
     from the ZeRO shards, exact also for a bf16 run), ``ema`` = its EMA (an export's weights)."""

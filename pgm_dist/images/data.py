@@ -172,6 +172,7 @@ def vq_source(input_dir: Path, vq_path: Path, vq_config: "VQConfig | None", imag
     with the same class sub-folders (ImageNet-val) that is the validation split."""
 
     listing = list_image_folder(input_dir)
+    sources = [{"path": str(input_dir), "files": len(listing.files), "sha256": files_fingerprint(listing.files)}]
     val_from = None
     if val_dir is not None:
         val = list_image_folder(val_dir)
@@ -180,6 +181,8 @@ def vq_source(input_dir: Path, vq_path: Path, vq_config: "VQConfig | None", imag
             raise DataError(f"--val-input {val_dir} does not have the class sub-folders of {input_dir} "
                             f"(e.g. {', '.join(missing)} in only one of them)")
         val_from = len(listing.files)
+        sources.append({"path": str(val_dir), "split": "val", "files": len(val.files),
+                        "sha256": files_fingerprint(val.files)})
         listing = ImageFolderListing(listing.files + val.files, listing.labels + val.labels, listing.class_names)
     if batch_size < 1 or image_size < 1:
         raise DataError("--batch-size and --image-size must be at least 1")
@@ -201,9 +204,7 @@ def vq_source(input_dir: Path, vq_path: Path, vq_config: "VQConfig | None", imag
     weights = file_sha256(vq_path)
     return ImageSource(
         "vq", len(listing.files), listing.labels, listing.class_names, (image_size // f, image_size // f), codebook,
-        samples, [{"path": str(input_dir), "files": len(listing.files), "sha256": files_fingerprint(listing.files)},
-                  {"path": str(vq_path), "files": 1, "sha256": weights}]
-        + ([{"path": str(val_dir), "split": "val", "files": len(listing.files) - val_from}] if val_dir else []),
+        samples, [*sources, {"path": str(vq_path), "files": 1, "sha256": weights}],
         identity=[files_fingerprint(listing.files), weights, image_size, PREPROCESSING, val_from], vq_model=model,
         val_from=val_from)
 

@@ -63,13 +63,14 @@ def save_grid(pixels, path: str | Path, scale: int = 1, gap: int = 2) -> Path:
     return path
 
 
-def pixel_decoder(vq_path: str | Path | None) -> Callable[[torch.Tensor], np.ndarray]:
+def pixel_decoder(vq_path: str | Path | None, device: str | torch.device = "cpu"
+                  ) -> Callable[[torch.Tensor], np.ndarray]:
     """Codes ``LongTensor[N, h, w]`` -> pixels ``float32 [N, H, W, C]`` in [0, 1]: the grey levels
-    themselves for the digits (``vq_path`` None), else the VQ decoder of an image folder."""
+    themselves for the digits (``vq_path`` None), else the VQ decoder of an image folder, on ``device``."""
     if vq_path is None:
         return lambda codes: digits_pixels(codes.cpu().numpy())
 
-    vq = load_vq(vq_path).eval()
+    vq = load_vq(vq_path).to(device).eval()
 
     @torch.no_grad()
     def decode(codes: torch.Tensor) -> np.ndarray:

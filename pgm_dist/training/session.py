@@ -125,7 +125,7 @@ def sampler(setup: Setup):
             return [setup.tokenizer.decode(row.tolist()) for row in tokens]
         return sample_texts
 
-    decode = pixel_decoder(setup.folder.vq_path)
+    decode = pixel_decoder(setup.folder.vq_path, setup.device)
     classes = range(min(10, setup.model_config.num_classes))  # one row per class, at most 10
 
     def sample_grid(model, step: int):

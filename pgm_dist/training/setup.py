@@ -35,8 +35,17 @@ def codec_sha256(folder: DataFolder, tokenizer: Tokenizer | None) -> str:
 VOLATILE_MODEL_FIELDS = ("attention", "preset_name", "loss_chunk", "fused_loss", "activation_checkpointing")
 
 
+# What a run takes from the checkpoint it resumes: fields whose default changed since (an image run
+# started before register_order existed goes on with its own, "legacy", order).
+INHERITED_MODEL_FIELDS = ("register_order",)
+
+
 def check_resume(checkpoint: Path, model_config: ModelConfig, folder: DataFolder, tokenizer: Tokenizer | None) -> dict:
+    """Refuse a checkpoint of other data or another model; ``model_config`` takes the checkpoint's
+    :data:`INHERITED_MODEL_FIELDS` first."""
     saved = read_state(checkpoint)
+    for name in INHERITED_MODEL_FIELDS:
+        setattr(model_config, name, getattr(ModelConfig.from_dict(saved["model_config"]), name))
     if saved["tokenizer_sha256"] != codec_sha256(folder, tokenizer):
         what = f"the tokenizer of the data ({tokenizer.path})" if tokenizer else f"the image codes of {folder.path}"
         raise ConfigError(f"{what} does not match the one checkpoint {checkpoint} was trained with; "

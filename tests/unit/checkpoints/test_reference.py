@@ -9,6 +9,7 @@ sampling path, from the EMA weights and from the raw ones.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -21,7 +22,14 @@ from PIL import Image
 
 import pgm_dist
 from pgm_dist.checkpoints.load import REFERENCE_VQ, load_model
-from pgm_dist.checkpoints.reference import backbone_state, load_reference, read_reference
+from pgm_dist.checkpoints.reference import (
+    _Placeholder,
+    _rebuilt,
+    _Unpickler,
+    backbone_state,
+    load_reference,
+    read_reference,
+)
 from pgm_dist.convert import main as convert_main
 from pgm_dist.data.tokenizer import Tokenizer, write_hf_tokenizer
 from pgm_dist.export import main as export_main
@@ -367,3 +375,20 @@ def test_an_image_release_converts_to_an_export_and_samples_pictures(tmp_path, c
     torch.save({"model": VQModel(wrong).state_dict()}, tmp_path / "wrong.pt")
     assert convert_main(["reference", str(path), "--out", str(out), "--vq", str(tmp_path / "wrong.pt")]) == 2
     assert f"has {CODEBOOK + 1} codes, the image model" in capsys.readouterr().err
+
+
+def test_a_dotted_global_cannot_reach_past_the_allowed_names(tmp_path):
+    """Protocol 4 names a global by a dotted path, followed attribute by attribute: an allowed function's
+    ``__globals__`` would hand out its module's dictionary (and from there any function). Refused."""
+    def short(text: str) -> bytes:
+        return b"\x8c" + bytes([len(text)]) + text.encode()
+    payload = b"\x80\x04" + short("torch._utils") + short("_rebuild_tensor.__globals__") + b"\x93."
+    loaded = _Unpickler(io.BytesIO(payload)).load()
+    assert isinstance(loaded, type) and issubclass(loaded, _Placeholder)  # a stand-in, not the dict
+    raw = tmp_path / "legacy.ckpt"  # the same as a whole (non-zip) file: the legacy path reads it too
+    raw.write_bytes(payload)
+    with pytest.raises(ValueError, match="not a readable reference checkpoint|not a reference checkpoint"):
+        read_reference(raw)
+    assert _rebuilt("torch._utils", "_rebuild_tensor_v2") and _rebuilt("torch", "FloatStorage")
+    assert not _rebuilt("torch._utils", "_import_dotted_name") and not _rebuilt("torch", "load")
+    assert not _rebuilt("builtins", "eval") and not _rebuilt("posix", "system")

@@ -87,3 +87,10 @@ def test_hf_tokenizer_errors(bpe, tmp_path, capsys):
     assert "names no BOS/CLS or EOS/SEP token" in capsys.readouterr().err
     assert data_cli([*base, "--hf-tokenizer", str(file), "--tokenizer", str(file)]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_a_tokenizer_json_given_as_tokenizer_says_to_use_hf_tokenizer(bpe, tmp_path, capsys):
+    file, _, docs, _ = bpe
+    assert data_cli(["build", "--out", str(tmp_path / "out"), "--input", str(docs), "--tokenizer", str(file),
+                     "--no-progress"]) == 2
+    assert "given to the data builder with --hf-tokenizer" in capsys.readouterr().err

@@ -96,3 +96,11 @@ def test_input_errors(inputs, tmp_path, capsys):
     broken.write_bytes(b"PAR1 not really")
     assert _build(tmp_path / "e", file, ["--input", str(broken)]) == 2
     assert "not a readable Parquet file" in capsys.readouterr().err
+
+
+def test_a_gzipped_parquet_file_is_refused_by_name(inputs, tmp_path, capsys):
+    file, sources = inputs
+    zipped = tmp_path / "docs.parquet.gz"
+    zipped.write_bytes(b"\x1f\x8b")
+    assert _build(tmp_path / "z", file, ["--input", str(zipped)]) == 2
+    assert "Parquet files cannot be gzipped" in capsys.readouterr().err

@@ -4,6 +4,8 @@ Inception Score from the feature file's logits. A random tiny VQ, a released-lay
 scripted feature network stand in for the downloads."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -99,7 +101,7 @@ def test_model_fid_samples_the_real_labels_and_scores_both_sets_alike(setup):
     assert result["fid"] > 0 and 1.0 <= result["inception_score"] <= 5.0
 
 
-def test_evaluate_fid_command(setup, capsys):
+def test_evaluate_fid_command(setup, tmp_path, capsys):
     export, real_dir, features = setup
     assert evaluate_main(["--model", str(export), "--fid", str(real_dir), "--features", str(features), "--num", "5",
                           "--steps", "2", "--fid-batch", "3", "--device", "cpu", "--no-progress"]) == 0
@@ -107,6 +109,16 @@ def test_evaluate_fid_command(setup, capsys):
     assert "real pictures" in out and "(5, their labels)" in out and "FID " in out and "Inception Score" in out
     assert evaluate_main(["--model", str(export), "--fid", str(real_dir), "--device", "cpu"]) == 2
     assert "--fid needs --features FILE" in capsys.readouterr().err
+    subset = tmp_path / "two-classes"
+    for name in ("class0", "class1"):
+        shutil.copytree(real_dir / name, subset / name)
+    assert evaluate_main(["--model", str(export), "--fid", str(subset), "--features", str(features), "--device",
+                          "cpu"]) == 2  # labels by sorted folder: they would name the wrong classes
+    assert "have 2 class sub-folders, the model 3 classes" in capsys.readouterr().err
+    release = export.parent / "images_pgm.ckpt"  # the file itself: its decoder is not beside it
+    assert evaluate_main(["--model", str(release), "--fid", str(real_dir), "--features", str(features), "--device",
+                          "cpu"]) == 2
+    assert "convert it with its VQ first" in capsys.readouterr().err
 
 
 def test_a_converted_image_model_evaluates_on_a_folder_of_its_codes(setup, tmp_path, capsys):

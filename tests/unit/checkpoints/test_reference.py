@@ -31,7 +31,9 @@ from pgm_dist.checkpoints.reference import (
     read_reference,
 )
 from pgm_dist.convert import main as convert_main
+from pgm_dist.data.__main__ import main as data_cli
 from pgm_dist.data.tokenizer import Tokenizer, write_hf_tokenizer
+from pgm_dist.evaluate import main as evaluate_main
 from pgm_dist.export import main as export_main
 from pgm_dist.images.vq import VQConfig, VQModel
 from pgm_dist.models import build_model
@@ -392,3 +394,25 @@ def test_a_dotted_global_cannot_reach_past_the_allowed_names(tmp_path):
     assert _rebuilt("torch._utils", "_rebuild_tensor_v2") and _rebuilt("torch", "FloatStorage")
     assert not _rebuilt("torch._utils", "_import_dotted_name") and not _rebuilt("torch", "load")
     assert not _rebuilt("builtins", "eval") and not _rebuilt("posix", "system")
+
+
+def test_evaluate_a_converted_text_model_on_data_built_with_its_tokenizer(released_with_tokenizer, tmp_path,
+                                                                          capsys):
+    """The README's path: data built with the model's Hugging Face tokenizer at the released length, then
+    `evaluate --model EXPORT --data DIR` (the tokenizer named by its folder for one, its file for the
+    other: the same tokenizer file either way)."""
+    ckpt, file, folder, _ = released_with_tokenizer
+    texts = sample_texts(300, seed=4)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "d.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    data = tmp_path / "data"
+    assert data_cli(["build", "--out", str(data), "--input", str(docs), "--hf-tokenizer", str(folder), "--seq-len",
+                     "1024", "--val-fraction", "0.3", "--samples-per-shard", "1", "--no-progress"]) == 0
+    export = tmp_path / "export"
+    assert convert_main(["reference", str(ckpt), "--out", str(export), "--tokenizer", str(file)]) == 0
+    capsys.readouterr()
+    assert evaluate_main(["--model", str(export), "--data", str(data), "--device", "cpu", "--batches", "1",
+                          "--micro-batch", "1"]) == 0
+    nelbo = float(capsys.readouterr().out.split("NELBO ")[1].split()[0])
+    assert 0 < nelbo < 3 * math.log(300)

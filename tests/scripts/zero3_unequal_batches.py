@@ -9,7 +9,7 @@ def _evaluate_unequal_batches(argv: list[str]) -> None:
     of random tokens, 3 on rank 0 and 2 on rank 1; rank 0 prints ``NELBO <stage> <value>``."""
     import copy
 
-    from pgm_dist.common.distributed import init_process_group
+    from pgm_dist.common.distributed import init_process_group, release_shared_memory
     from pgm_dist.training.config import parse_train_config
     from pgm_dist.training.engine import Engine
     from pgm_dist.training.setup import prepare_process
@@ -28,7 +28,10 @@ def _evaluate_unequal_batches(argv: list[str]) -> None:
         nelbo, _ = engine.evaluate(mine)
         if setup.env.is_main:
             print(f"NELBO {stage} {nelbo!r}", flush=True)
-
+    # as a run ends (pgm_dist.training.session.run): every rank past its last collective before any exits
+    # (without it, a rank once aborted in teardown while the other left: "terminate called without an
+    # active exception")
+    release_shared_memory(setup.env)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Run by tests/e2e/training/test_zero3.py through the deepspeed launcher (two ranks)."""
+import os
 import sys
 
 import torch
@@ -29,9 +30,12 @@ def _evaluate_unequal_batches(argv: list[str]) -> None:
         if setup.env.is_main:
             print(f"NELBO {stage} {nelbo!r}", flush=True)
     # as a run ends (pgm_dist.training.session.run): every rank past its last collective before any exits
-    # (without it, a rank once aborted in teardown while the other left: "terminate called without an
-    # active exception")
     release_shared_memory(setup.env)
+    # Then out without interpreter finalisation: this script keeps two engines (a ZeRO-2 and a ZeRO-3 one,
+    # with its hooks and partitioned parameters) alive to the end, and destroying them at exit aborted a
+    # rank in CI ("terminate called without an active exception") after both results were printed.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -15,20 +15,20 @@ from pgm_dist.checkpoints.load import REFERENCE_TOKENIZER, load_reference_model,
 from pgm_dist.checkpoints.reference import RELEASE_LENGTH
 from pgm_dist.common.cli import HelpFormatter, run_cli
 from pgm_dist.data.shards import TOKENIZER_FILE, VQ_FILE
-from pgm_dist.data.tokenizer import tokenizer_file
 from pgm_dist.images.vq import load_vq, save_vq
 
 
 def convert_reference(ckpt: str | Path, out: str | Path, weights: str = "auto", tokenizer: str | None = None,
                       seq_len: int = RELEASE_LENGTH, vq: str | Path | None = None) -> Path:
-    loaded = load_reference_model(ckpt, tokenizer=tokenizer, weights=weights, seq_len=seq_len)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # a text model's tokenizer is resolved once, straight into the export
+    loaded = load_reference_model(ckpt, tokenizer=tokenizer, weights=weights, seq_len=seq_len,
+                                  tokenizer_out=out / TOKENIZER_FILE)
     info = {"model_config": loaded.config.to_dict(), "step": loaded.info["step"], "data_meta": None, "data": None,
             "exported_from": str(Path(ckpt).resolve()), "reference": loaded.info["reference"]}
     if loaded.tokenizer is not None:
-        written = tokenizer_file(tokenizer or REFERENCE_TOKENIZER, out / TOKENIZER_FILE)
-        info["tokenizer_sha256"] = written.sha256
+        info["tokenizer_sha256"] = loaded.tokenizer.sha256
     else:  # an image model: its codes' decoder, if given, travels with it
         info.update(tokenizer_sha256=None, data_meta=loaded.info["data_meta"])
         if vq is not None:  # its config from its shapes (VQ-8 for the released models)

@@ -68,10 +68,14 @@ def read_info(source: Path) -> dict:
     return json.loads((source / EXPORT_CONFIG).read_text()) if is_export(source) else read_state(source)
 
 
-def reference_tokenizer(spec: str | Path | None, config: ModelConfig, source: str) -> Tokenizer:
-    """The tokenizer ``spec`` names (default GPT-2's), checked against a converted model's vocabulary."""
-    with tempfile.TemporaryDirectory() as tmp:  # the Tokenizer keeps what it read, not the file
-        tokenizer = tokenizer_file(spec or REFERENCE_TOKENIZER, Path(tmp) / TOKENIZER_FILE)
+def reference_tokenizer(spec: str | Path | None, config: ModelConfig, source: str, out: Path | None = None
+                        ) -> Tokenizer:
+    """The tokenizer ``spec`` names (default GPT-2's), written to ``out`` (default: a temporary file, the
+    Tokenizer keeps what it read) and checked against a converted model's vocabulary."""
+    if out is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return reference_tokenizer(spec, config, source, Path(tmp) / TOKENIZER_FILE)
+    tokenizer = tokenizer_file(spec or REFERENCE_TOKENIZER, out)
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"the tokenizer {spec or REFERENCE_TOKENIZER} has {tokenizer.vocab_size} ids, the model "
                          f"{source} reads {config.vocab_size} (+ MASK): pass the tokenizer it was trained with "
@@ -81,9 +85,10 @@ def reference_tokenizer(spec: str | Path | None, config: ModelConfig, source: st
 
 def load_reference_model(path: str | Path, device: str | torch.device = "cpu", attention: str | None = None,
                          tokenizer: str | Path | None = None, weights: str = "auto",
-                         seq_len: int = RELEASE_LENGTH) -> LoadedModel:
+                         seq_len: int = RELEASE_LENGTH, tokenizer_out: Path | None = None) -> LoadedModel:
     """A released checkpoint file, converted in memory; a text model's tokenizer is ``tokenizer``
-    (default GPT-2's), an image model's codes are LlamaGen VQ-8's (its decoder: ``convert --vq``)."""
+    (default GPT-2's; its file written to ``tokenizer_out`` when given), an image model's codes are
+    LlamaGen VQ-8's (its decoder: ``convert --vq``)."""
     config, state, reference = load_reference(path, weights, seq_len)
     if attention is not None:
         config.attention = attention
@@ -92,7 +97,7 @@ def load_reference_model(path: str | Path, device: str | torch.device = "cpu", a
     info = {"model_config": config.to_dict(), "step": reference["global_step"], "reference": reference}
     codec = None
     if config.image_grid is None:
-        codec = reference_tokenizer(tokenizer, config, str(path))
+        codec = reference_tokenizer(tokenizer, config, str(path), tokenizer_out)
         config.bos_id, config.eos_id = codec.bos_id, codec.eos_id
         info.update(model_config=config.to_dict(), tokenizer_sha256=codec.sha256)
     else:

@@ -1,7 +1,7 @@
 """The model distillation starts from: a checkpoint, a run folder or an export, and its weights."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,8 @@ from pgm_dist.distillation.config import DEFAULT_TEACHER
 class Teacher:
     source: Path  # the export or checkpoint folder, or a released reference file
     info: dict  # its config.json (export) or pgm_state.json (checkpoint); a reference file's model config
+    # a released file's contents, read once (the file is hundreds of MB): its weights come from here
+    release: dict | None = field(default=None, repr=False)
 
     @property
     def is_export(self) -> bool:
@@ -39,10 +41,11 @@ def find_teacher(path: str | None) -> Teacher:
     checkpoint. A released file's tokenizer is the data's (checked by its vocabulary)."""
     if path is not None and is_reference_checkpoint(path):
         try:
-            config = reference_config(backbone_state(read_reference(path), "raw", path))
+            release = read_reference(path)
+            config = reference_config(backbone_state(release, "raw", path))
         except ValueError as err:
             raise ConfigError(f"--teacher: {err}") from None
-        return Teacher(Path(path), {"model_config": config.to_dict(), "tokenizer_sha256": None})
+        return Teacher(Path(path), {"model_config": config.to_dict(), "tokenizer_sha256": None}, release)
     try:
         source = resolve_model_dir(path or DEFAULT_TEACHER)
     except FileNotFoundError as err:
@@ -67,7 +70,7 @@ def initial_weights(teacher: Teacher, init_from: str) -> dict[str, torch.Tensor]
     if init_from == "auto":
         init_from = "ema" if teacher.is_export else "raw"
     if teacher.is_reference:
-        state = backbone_state(read_reference(teacher.source), init_from, str(teacher.source))
+        state = backbone_state(teacher.release, init_from, str(teacher.source))
         return convert_state(state, reference_config(state))
     if teacher.is_export:
         if init_from == "raw":
